@@ -1,0 +1,25 @@
+"""PC-DARTS search on CIFAR-10 with the paper's settings (Xu et al. 2019).
+
+Batch 256, 50 epochs, C=16, 8 cells, K=4 partial channels with channel shuffle, edge
+normalization, SGD lr 0.1 cosine to 0 (momentum 0.9, wd 3e-4, clip 5), Adam arch lr 6e-4
+betas (0.5, 0.999) wd 1e-3, arch updates from epoch 15, half the train set for the weights
+and half for the architecture, random crop + flip, first order.
+
+  python -m jaxnas.main --config=configs/pcdarts_cifar.py --workdir=/tmp/pcdarts_cifar
+
+Needs CIFAR-10 prepared with TFDS (see the README). Paper: 0.1 GPU-days on a GTX 1080Ti,
+found cell 2.57 +- 0.07 % test error after retraining. The full search is a GPU/TPU job
+(on a 2-core CPU it would take days); the ``smoke`` variant
+(``configs/pcdarts_cifar.py:smoke``) checks the setup in under a minute on CPU.
+"""
+
+from jaxnas import base_config
+
+
+def get_config(arg=None):
+  config = base_config.search_config()
+  if arg == 'smoke':
+    base_config.smoke(config)
+  elif arg:
+    raise ValueError(f'Unknown variant {arg!r} of pcdarts_cifar; known: smoke.')
+  return config

@@ -1,0 +1,38 @@
+"""PC-DARTS search on ImageNet with the paper's settings.
+
+Batch 1024, 50 epochs, lr 0.5 with 5 linear warm-up epochs then cosine, K=2, arch lr 6e-3,
+arch updates from epoch 35, gradient clipping on the alphas too, 10% / 2.5% of each class's
+train images for the weights / the architecture, a stem of three stride-2 convs
+(224 -> 28), 8 cells.
+
+  python -m jaxnas.main --config=configs/pcdarts_imagenet.py --workdir=/tmp/pcdarts_imagenet
+
+Needs ImageNet (imagenet2012) prepared with TFDS. Paper: 11.5 h on 8 V100s (3.8 GPU-days);
+the found cell: 24.2 / 7.3 % top-1 / top-5 error. ``configs/pcdarts_imagenet.py:smoke``
+checks the setup on CPU.
+"""
+
+from jaxnas import base_config
+
+
+def get_config(arg=None):
+  config = base_config.search_config()
+  config.data.name = 'imagenet2012'
+  config.data.image_size = 224
+  config.data.per_class_fractions = (0.1, 0.025)
+  config.data.augment = True
+  config.model.stem = 'imagenet'
+  config.model.k = 2
+  config.optim.batch_size = 1024
+  config.optim.learning_rate = 0.5
+  config.optim.warmup_epochs = 5
+  config.optim.arch_learning_rate = 6e-3
+  config.optim.arch_grad_clip = 5.0
+  config.optim.arch_warmup_epochs = 35
+  config.eval_batch_size = 256
+  if arg == 'smoke':
+    base_config.smoke(config)
+    config.data.image_size = 64
+  elif arg:
+    raise ValueError(f'Unknown variant {arg!r} of pcdarts_imagenet; known: smoke.')
+  return config

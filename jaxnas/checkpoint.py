@@ -1,0 +1,74 @@
+"""Orbax checkpoints of the whole search state, and the workdir's resolved config."""
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = 'config.json'
+
+
+class WorkdirError(ValueError):
+  """The workdir holds something a run cannot continue from."""
+
+# Fields that may change between a run and its resumption without changing the search.
+_RESUMABLE_FIELDS = ('log_every_steps', 'checkpoint_every_steps', 'checkpoints_to_keep',
+                     'compilation_cache_dir', 'eval_batch_size')
+
+
+def manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
+  mngr.save(step, args=ocp.args.StandardSave(state))
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state):
+  """(restored state, True) from the latest checkpoint, or (state, False) if none."""
+  step = mngr.latest_step()
+  if step is None:
+    return state, False
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  return mngr.restore(step, args=ocp.args.StandardRestore(abstract)), True
+
+
+def _comparable(config_dict: dict) -> dict:
+  return {k: v for k, v in config_dict.items() if k not in _RESUMABLE_FIELDS}
+
+
+def check_workdir_config(workdir: str, config) -> None:
+  """A workdir holds one search: resuming it with a different config would mix two runs."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f'{path} is unreadable ({e}); move it away or use a new --workdir.') from e
+  new = json.loads(config.to_json_best_effort())
+  old_c, new_c = _comparable(old), _comparable(new)
+  if old_c != new_c:
+    diff = sorted(_diff(old_c, new_c))
+    raise WorkdirError(
+        f'{workdir} holds a search with a different config ({", ".join(diff[:5])} differ); '
+        'use a new --workdir or the same config to resume it.')
+
+
+def _diff(a, b, prefix=''):
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      yield from _diff(va, vb, f'{prefix}{k}.')
+    elif va != vb:
+      yield f'{prefix}{k}'
+
+
+def write_config(workdir: str, config) -> None:
+  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))

@@ -1,0 +1,74 @@
+"""Metrics a person can plot (JSON lines + TensorBoard) and a progress line."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+class MetricWriter:
+  """Writes scalars to ``metrics.jsonl`` and to TensorBoard event files in ``tb/``."""
+
+  def __init__(self, workdir: str):
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+    except ImportError:  # TensorBoard events are optional; the JSON lines are not.
+      self._tb = None
+
+  def write(self, step: int, scalars: dict, kind: str = 'train'):
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'kind': kind, 'step': int(step), **scalars}) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(f'{kind}/{k}', v, step)
+
+  def close(self):
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def format_seconds(s: float) -> str:
+  s = int(max(s, 0))
+  h, rem = divmod(s, 3600)
+  m, sec = divmod(rem, 60)
+  return f'{h}h{m:02d}m{sec:02d}s' if h else f'{m}m{sec:02d}s'
+
+
+class Progress:
+  """One line per ``every`` steps: epoch, step, loss, accuracy, images/s, ETA."""
+
+  def __init__(self, total_steps: int, steps_per_epoch: int, images_per_step: int,
+               start_step: int = 0, stream=sys.stdout):
+    self.total, self.per_epoch, self.images = total_steps, steps_per_epoch, images_per_step
+    self.stream = stream
+    self._t0, self._s0 = time.perf_counter(), start_step
+    self._window = (self._t0, start_step)
+
+  def images_per_s(self, step: int) -> float:
+    t, s = self._window
+    now = time.perf_counter()
+    rate = (step - s) * self.images / max(now - t, 1e-9)
+    self._window = (now, step)
+    return rate
+
+  def line(self, step: int, metrics: dict, images_per_s: float) -> str:
+    done = step - self._s0
+    elapsed = time.perf_counter() - self._t0
+    eta = elapsed / max(done, 1) * (self.total - step)
+    epoch = (step - 1) // self.per_epoch + 1
+    in_epoch = (step - 1) % self.per_epoch + 1
+    parts = [f'epoch {epoch}/{self.total // self.per_epoch}',
+             f'step {in_epoch}/{self.per_epoch}',
+             f"loss {metrics['train_loss']:.4f}", f"acc {100 * metrics['train_acc']:.2f}%"]
+    if not np.isnan(metrics.get('val_loss', np.nan)):
+      parts += [f"arch-batch loss {metrics['val_loss']:.4f}"]
+    parts += [f'{images_per_s:.1f} img/s', f'ETA {format_seconds(eta)}']
+    text = ' | '.join(parts)
+    print(text, file=self.stream, flush=True)
+    return text

@@ -1,0 +1,237 @@
+"""The DARTS primitives as Flax modules (NHWC).
+
+Search mode (``affine=False``) follows the search code of DARTS / PC-DARTS: BatchNorm
+without scale and bias, and a non-affine BatchNorm after each pool. Evaluation mode
+(``affine=True``) uses affine BatchNorm and no BN after pools.
+"""
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxnas.ops import depthwise as depthwise_lib
+
+# PyTorch's default conv/linear init (kaiming_uniform with a=sqrt(5)) is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)); keeping it keeps the reference's early dynamics.
+torch_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+# The same for a stack of kernels (G, fan_in, fan_out): the leading axis is not fan-in.
+torch_init_stacked = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform',
+                                                      batch_axis=(0,))
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over every axis but the last ``feature_ndim`` ones (PyTorch semantics:
+  momentum 0.1, eps 1e-5, running variance unbiased).
+
+  Written out rather than ``nn.BatchNorm`` because a supernet holds hundreds of them and
+  this form lowers to fewer HLO ops; ``feature_ndim=2`` normalizes a stack of
+  independent BNs (..., groups, channels) in one go.
+  """
+  train: bool
+  affine: bool = False
+  feature_ndim: int = 1
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    feat = x.shape[x.ndim - self.feature_ndim:]
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, feat, jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, feat, jnp.float32)
+    if self.train:
+      axes = tuple(range(x.ndim - self.feature_ndim))
+      n = x.size // math.prod(feat)
+      mean = jnp.mean(x, axes)
+      var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean
+        ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (x - mean) * lax.rsqrt(var + self.epsilon)
+    if self.affine:
+      y = y * self.param('scale', nn.initializers.ones, feat) + self.param(
+          'bias', nn.initializers.zeros, feat)
+    return y
+
+
+def batch_norm(train: bool, affine: bool, name: str | None = None) -> BatchNorm:
+  return BatchNorm(train, affine, name=name)
+
+
+def pointwise(x, kernel):
+  """1x1 convolution: x (..., [G,] c_in) times kernel ([G,] c_in, c_out)."""
+  if kernel.ndim == 3:
+    return jnp.einsum('...gc,gcd->...gd', x, kernel)
+  return jnp.dot(x, kernel)
+
+
+class Conv1x1(nn.Module):
+  """1x1 convolution (no bias); ``stride`` subsamples first."""
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    if self.stride > 1:
+      x = x[:, ::self.stride, ::self.stride, :]
+    kernel = self.param('kernel', torch_init, (x.shape[-1], self.features))
+    return pointwise(x, kernel)
+
+
+class DepthwiseConv(nn.Module):
+  """k x k depthwise convolution, padding dilation*(k-1)//2 (PyTorch semantics)."""
+  kernel_size: int
+  stride: int = 1
+  dilation: int = 1
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    # fan_in of a depthwise filter is k*k (in_channels / groups == 1).
+    kernel = self.param('kernel', torch_init, (k, k, 1, x.shape[-1]))
+    return depthwise_lib.depthwise_conv(
+        x, kernel[:, :, 0, :], stride=self.stride, dilation=self.dilation, impl=self.impl)
+
+
+class ReLUConvBN(nn.Module):
+  """ReLU -> 1x1 conv -> BN, the cells' preprocessing."""
+  features: int
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = Conv1x1(self.features)(nn.relu(x))
+    return batch_norm(train, self.affine)(x)
+
+
+class FactorizedReduce(nn.Module):
+  """Halves H and W: ReLU, two 1x1 stride-2 convs (the second on the input shifted by
+  one pixel) to features/2 each, concat, BN.
+
+  The shifted branch is zero-padded at the bottom/right so both branches give
+  ceil(H/2) rows for odd sizes too; for even sizes this is exactly the reference.
+  """
+  features: int
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.features % 2:
+      raise ValueError(f'FactorizedReduce needs an even channel count, got {self.features}.')
+    x = nn.relu(x)
+    shifted = jnp.pad(x[:, 1:, 1:, :], ((0, 0), (0, 1), (0, 1), (0, 0)))
+    half = self.features // 2
+    y = jnp.concatenate([Conv1x1(half, stride=2)(x), Conv1x1(half, stride=2)(shifted)], -1)
+    return batch_norm(train, self.affine)(y)
+
+
+def _pool_padding(x, window, stride, pad):
+  return ((0, 0), (pad, pad), (pad, pad), (0, 0)), (1, window, window, 1), (1, stride, stride, 1)
+
+
+def max_pool(x, window: int = 3, stride: int = 1, pad: int = 1):
+  padding, dims, strides = _pool_padding(x, window, stride, pad)
+  return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, padding)
+
+
+def avg_pool(x, window: int = 3, stride: int = 1, pad: int = 1):
+  """Average pool that does not count the padding (count_include_pad=False)."""
+  padding, dims, strides = _pool_padding(x, window, stride, pad)
+  total = lax.reduce_window(x, 0.0, lax.add, dims, strides, padding)
+  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+  count = lax.reduce_window(ones, 0.0, lax.add, dims, strides, padding)
+  return total / count
+
+
+def max_pool_2x2(x):
+  """2x2 stride-2 max pool, ceil mode (matches the strided ops' ceil(H/2) on odd sizes)."""
+  h, w = x.shape[1], x.shape[2]
+  padding = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), padding)
+
+
+class Pool(nn.Module):
+  kind: str  # 'max' or 'avg'
+  stride: int = 1
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = (max_pool if self.kind == 'max' else avg_pool)(x, 3, self.stride, 1)
+    if not self.affine:  # search mode: a non-affine BN after each pool
+      y = batch_norm(train, affine=False)(y)
+    return y
+
+
+class Identity(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    return x
+
+
+class Zero(nn.Module):
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    return jnp.zeros_like(x[:, ::self.stride, ::self.stride, :])
+
+
+class SepConv(nn.Module):
+  """Two stacked ReLU -> depthwise kxk -> 1x1 -> BN blocks; stride only in the first."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  affine: bool = False
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c_in = x.shape[-1]
+    x = DepthwiseConv(self.kernel_size, self.stride, impl=self.impl)(nn.relu(x))
+    x = batch_norm(train, self.affine)(Conv1x1(c_in)(x))
+    x = DepthwiseConv(self.kernel_size, 1, impl=self.impl)(nn.relu(x))
+    return batch_norm(train, self.affine)(Conv1x1(self.features)(x))
+
+
+class DilConv(nn.Module):
+  """ReLU -> depthwise kxk with dilation 2 -> 1x1 -> BN."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  dilation: int = 2
+  affine: bool = False
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = DepthwiseConv(self.kernel_size, self.stride, self.dilation, impl=self.impl)(nn.relu(x))
+    return batch_norm(train, self.affine)(Conv1x1(self.features)(x))
+
+
+def make_op(name: str, features: int, stride: int, affine: bool,
+            impl: str = 'auto') -> nn.Module:
+  """Builds primitive ``name`` mapping ``features`` channels to ``features`` channels."""
+  builders: dict[str, Callable[[], nn.Module]] = {
+      'none': lambda: Zero(stride, name=name),
+      'max_pool_3x3': lambda: Pool('max', stride, affine, name=name),
+      'avg_pool_3x3': lambda: Pool('avg', stride, affine, name=name),
+      'skip_connect': lambda: (Identity(name=name) if stride == 1
+                               else FactorizedReduce(features, affine, name=name)),
+      'sep_conv_3x3': lambda: SepConv(features, 3, stride, affine, impl, name=name),
+      'sep_conv_5x5': lambda: SepConv(features, 5, stride, affine, impl, name=name),
+      'dil_conv_3x3': lambda: DilConv(features, 3, stride, 2, affine, impl, name=name),
+      'dil_conv_5x5': lambda: DilConv(features, 5, stride, 2, affine, impl, name=name),
+  }
+  if name not in builders:
+    raise ValueError(f'Unknown primitive {name!r}; known: {sorted(builders)}.')
+  return builders[name]()

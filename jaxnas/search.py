@@ -1,0 +1,448 @@
+"""Differentiable architecture search (DARTS, PC-DARTS): state, steps and the loop.
+
+One search step is the bilevel update of the reference code: an architecture update on a
+batch of the arch split, then a weight update on a batch of the weight split with the
+new architecture. Weights and architecture parameters are separate pytrees with separate
+optax states; everything a resumed run needs is in ``SearchState``.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxnas import checkpoint as ckpt_lib
+from jaxnas import data as data_lib
+from jaxnas import genotypes
+from jaxnas import metrics as metrics_lib
+from jaxnas import partial_channels
+from jaxnas import visualize
+from jaxnas.spaces import darts
+
+METHODS = ('darts', 'pcdarts')
+
+
+class ConfigError(ValueError):
+  """A config field has a value the search cannot run with."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or inf."""
+
+
+class SearchState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  arch: Any
+  weight_opt_state: Any
+  arch_opt_state: Any
+  key: jax.Array  # raw uint32[2] key: the run's seed stream
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the field, before any data is read or code compiled."""
+
+  def fail(field, msg):
+    raise ConfigError(f'config.{field} {msg}')
+
+  m, o, d = config.model, config.optim, config.data
+  if config.method not in METHODS:
+    fail('method', f'is {config.method!r}; choose one of {METHODS}.')
+  if config.space not in darts.SEARCH_SPACES:
+    fail('space', f'is {config.space!r}; choose one of {tuple(darts.SEARCH_SPACES)}.')
+  for field, value in (('optim.epochs', o.epochs), ('optim.batch_size', o.batch_size),
+                       ('model.C', m.C), ('model.layers', m.layers), ('model.k', m.k),
+                       ('model.steps', m.steps), ('eval_batch_size', config.eval_batch_size),
+                       ('log_every_steps', config.log_every_steps),
+                       ('checkpoint_every_steps', config.checkpoint_every_steps)):
+    if int(value) <= 0:
+      fail(field, f'must be a positive integer, got {value}.')
+  if o.steps_per_epoch < 0:
+    fail('optim.steps_per_epoch', f'must be >= 0 (0: a full pass), got {o.steps_per_epoch}.')
+  if m.C % m.k:
+    fail('model.k', f'= {m.k} must divide the channel count model.C = {m.C}.')
+  if m.C % 2:
+    fail('model.C', f'= {m.C} must be even (FactorizedReduce halves it).')
+  if m.channel_sampling not in partial_channels.SAMPLING_MODES:
+    fail('model.channel_sampling',
+         f'is {m.channel_sampling!r}; choose one of {partial_channels.SAMPLING_MODES}.')
+  if m.stem not in ('cifar', 'imagenet'):
+    fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
+  if m.depthwise_impl not in ('auto', 'xla', 'shifted'):
+    fail('model.depthwise_impl', f"is {m.depthwise_impl!r}; choose 'auto', 'xla' or 'shifted'.")
+  if m.multiplier > m.steps:
+    fail('model.multiplier', f'= {m.multiplier} cannot exceed model.steps = {m.steps}.')
+  if o.order not in (1, 2):
+    fail('optim.order', f'must be 1 (first order) or 2 (second order), got {o.order}.')
+  if o.order == 2 and m.k != 1:
+    fail('optim.order', '= 2 (unrolled second order) is DARTS-only here; set model.k = 1.')
+  if not 0 < d.train_portion < 1:
+    fail('data.train_portion', f'must be in (0, 1), got {d.train_portion}.')
+  if o.arch_warmup_epochs < 0 or o.warmup_epochs < 0:
+    fail('optim.arch_warmup_epochs', 'and optim.warmup_epochs must be >= 0.')
+  if o.learning_rate <= 0 or o.arch_learning_rate < 0:
+    fail('optim.learning_rate', 'must be positive (and optim.arch_learning_rate >= 0).')
+  devices = jax.device_count()
+  if o.batch_size % devices:
+    fail('optim.batch_size', f'= {o.batch_size} must be divisible by the {devices} devices.')
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  m = config.model
+  return darts.SEARCH_SPACES[config.space](
+      num_classes=num_classes, C=m.C, layers=m.layers, steps=m.steps, multiplier=m.multiplier,
+      stem_multiplier=m.stem_multiplier, stem=m.stem, k=m.k, sampling=m.channel_sampling,
+      edge_normalization=m.edge_normalization, impl=m.depthwise_impl, remat=m.remat)
+
+
+def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """The reference's per-epoch schedule: linear warm-up, then cosine to the minimum."""
+  o = config.optim
+
+  def schedule(count):
+    epoch = (count // steps_per_epoch).astype(jnp.float32)
+    cosine = o.learning_rate_min + 0.5 * (o.learning_rate - o.learning_rate_min) * (
+        1 + jnp.cos(jnp.pi * epoch / o.epochs))
+    if o.warmup_epochs:
+      warm = o.learning_rate * (epoch + 1) / o.warmup_epochs
+      return jnp.where(epoch < o.warmup_epochs, warm, cosine)
+    return cosine
+
+  return schedule
+
+
+def make_optimizers(config, steps_per_epoch):
+  """SGD with momentum for the weights; Adam for the architecture (coupled L2 on both,
+  as torch.optim's weight_decay; clipping before the decay, as the reference)."""
+  o = config.optim
+  weight_tx = optax.chain(
+      optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
+      optax.add_decayed_weights(o.weight_decay),
+      optax.sgd(lr_schedule(config, steps_per_epoch), momentum=o.momentum))
+  arch_tx = optax.chain(
+      optax.clip_by_global_norm(o.arch_grad_clip) if o.arch_grad_clip > 0 else optax.identity(),
+      optax.add_decayed_weights(o.arch_weight_decay),
+      optax.adam(o.arch_learning_rate, b1=o.arch_betas[0], b2=o.arch_betas[1], eps=1e-8))
+  return weight_tx, arch_tx
+
+
+def create_state(model, input_shape, weight_tx, arch_tx, seed: int) -> SearchState:
+  init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
+  # Initialize from an 'rbg' key: its random bits lower to one op per parameter, so this
+  # compiles in a fraction of the time of threefry; it is still a pure function of seed.
+  rbg = jax.random.key(jax.random.randint(init_key, (), 0, 2**31 - 1), impl='rbg')
+  x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+
+  @jax.jit
+  def init(rbg_key):
+    variables = model.init({'params': rbg_key, 'channels': rbg_key}, x, train=True)
+    params, arch = variables['params'], variables['arch']
+    return SearchState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        batch_stats=variables.get('batch_stats', {}), arch=arch,
+        weight_opt_state=weight_tx.init(params), arch_opt_state=arch_tx.init(arch),
+        key=run_key)
+
+  return init(rbg)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _loss_fn(model, params, arch, batch_stats, batch, key):
+  logits, updates = model.apply(
+      {'params': params, 'arch': arch, 'batch_stats': batch_stats}, batch['image'],
+      train=True, rngs={'channels': key}, mutable=['batch_stats'])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+  acc = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+  return loss, (updates['batch_stats'], acc)
+
+
+def unrolled_arch_grad(loss_fn, params, arch, batch_stats, train_batch, val_batch,
+                       momentum_buffer, lr, momentum, weight_decay, keys):
+  """Exact second-order DARTS hypergradient (Liu et al. 2019, eq. 6-7):
+  d/d(alpha) L_val(w'(alpha), alpha) with w' = w - lr * (momentum * m + dL_train/dw + wd * w),
+  the reference's unrolled SGD step. Autodiff through the inner gradient gives the
+  Hessian-vector products exactly instead of by finite differences."""
+  k_train, k_val = keys
+
+  def val_loss(arch):
+    grads = jax.grad(lambda p: loss_fn(p, arch, batch_stats, train_batch, k_train)[0])(params)
+    unrolled = jax.tree.map(lambda w, g, m: w - lr * (momentum * m + g + weight_decay * w),
+                            params, grads, momentum_buffer)
+    return loss_fn(unrolled, arch, batch_stats, val_batch, k_val)
+
+  return jax.value_and_grad(val_loss, has_aux=True)(arch)
+
+
+def make_phase_steps(model, weight_tx, arch_tx, config, steps_per_epoch):
+  """(arch_step, weight_step): the two halves of a search step, as pure functions.
+
+  arch_step(state, train_batch, val_batch, keys) -> (state, loss, acc) changes only the
+  arch params, their optimizer state and BN statistics; weight_step(state, batch, key) ->
+  (state, metrics) changes only the weights, their optimizer state and BN statistics.
+  """
+  o = config.optim
+  schedule = lr_schedule(config, steps_per_epoch)
+  loss_fn = functools.partial(_loss_fn, model)
+
+  def arch_step(state, train_batch, val_batch, keys):
+    if o.order == 2:
+      buffer = optax.tree_utils.tree_get(state.weight_opt_state, 'trace')
+      (loss, (bs, acc)), grads = unrolled_arch_grad(
+          loss_fn, state.params, state.arch, state.batch_stats, train_batch, val_batch,
+          buffer, schedule(state.step), o.momentum, o.weight_decay, keys)
+    else:
+      (loss, (bs, acc)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+          state.params, state.arch, state.batch_stats, val_batch, keys[1])
+    updates, opt_state = arch_tx.update(grads, state.arch_opt_state, state.arch)
+    state = state.replace(arch=optax.apply_updates(state.arch, updates),
+                          arch_opt_state=opt_state, batch_stats=bs)
+    return state, loss, acc
+
+  def weight_step(state, batch, key):
+    (loss, (bs, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.arch, state.batch_stats, batch, key)
+    updates, opt_state = weight_tx.update(grads, state.weight_opt_state, state.params)
+    state = state.replace(params=optax.apply_updates(state.params, updates),
+                          weight_opt_state=opt_state, batch_stats=bs)
+    return state, {'train_loss': loss, 'train_acc': acc, 'grad_norm': optax.global_norm(grads),
+                   'lr': schedule(state.step)}
+
+  return arch_step, weight_step
+
+
+def make_search_step(model, weight_tx, arch_tx, config, steps_per_epoch):
+  """The jitted bilevel step: arch update on the val batch, then weight update."""
+  arch_start = config.optim.arch_warmup_epochs * steps_per_epoch
+  arch_step, weight_step = make_phase_steps(model, weight_tx, arch_tx, config, steps_per_epoch)
+
+  def skip_arch(state, train_batch, val_batch, keys):
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    return state, nan, nan
+
+  def step(state: SearchState, train_batch, val_batch):
+    key = jax.random.fold_in(state.key, state.step)
+    k_arch_train, k_arch_val, k_weight = jax.random.split(key, 3)
+    # The arch phase runs only after the warm-up; lax.cond skips its compute before that.
+    state, val_loss, val_acc = jax.lax.cond(
+        state.step >= arch_start, arch_step, skip_arch, state, train_batch, val_batch,
+        (k_arch_train, k_arch_val))
+    state, metrics = weight_step(state, train_batch, k_weight)
+    return state.replace(step=state.step + 1), {**metrics, 'val_loss': val_loss,
+                                                'val_acc': val_acc}
+
+  return step
+
+
+def make_eval_step(model):
+  """Supernet accuracy with BN running statistics (the reference's ``infer``)."""
+
+  def eval_step(state: SearchState, batch):
+    logits = model.apply(
+        {'params': state.params, 'arch': state.arch, 'batch_stats': state.batch_stats},
+        batch['image'], train=False, rngs={'channels': state.key})
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    correct = jnp.argmax(logits, -1) == batch['label']
+    mask = batch['mask']
+    return {'loss': jnp.sum(loss * mask), 'correct': jnp.sum(correct * mask),
+            'count': jnp.sum(mask)}
+
+  return eval_step
+
+
+def evaluate(eval_step, state, dataset, indices, batch_size):
+  totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+  for batch in data_lib.eval_batches(dataset, indices, batch_size):
+    out = jax.device_get(eval_step(state, batch))
+    for k in totals:
+      totals[k] += float(out[k])
+  n = max(totals['count'], 1.0)
+  return {'loss': totals['loss'] / n, 'accuracy': totals['correct'] / n}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def arch_arrays(state: SearchState) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in jax.device_get(state.arch).items()}
+
+
+def write_genotype_outputs(workdir, genotype, arch, **extra):
+  genotypes.save(genotype, os.path.join(workdir, genotypes.GENOTYPE_FILE),
+                 **{k: v.tolist() for k, v in arch.items()}, **extra)
+  np.savez(os.path.join(workdir, 'arch.npz'), **arch)
+  visualize.save_genotype_svg(genotype, os.path.join(workdir, 'cells.svg'))
+  visualize.save_genotype_png(genotype, os.path.join(workdir, 'cells.png'))
+
+
+def setup_compilation_cache(path: str) -> None:
+  if not path:
+    return
+  jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def _compile(fn, *args, **kwargs):
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn, **kwargs).lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def run_search(config: ml_collections.ConfigDict, workdir: str,
+               stop_at_step: int | None = None) -> dict:
+  """Runs (or resumes) a search in ``workdir``; returns its final summary.
+
+  ``stop_at_step`` ends the run after that step, as if it were interrupted there (the
+  next call resumes from the last checkpoint); for notebooks and tests.
+  """
+  # --- checks: every user error surfaces here, before data loading or compilation.
+  validate_config(config)
+  try:
+    data_lib.check_dataset(config.data)
+  except (data_lib.DatasetNotFoundError, data_lib.DataFileError):
+    raise
+  except ValueError as e:  # a bad data.* field
+    raise ConfigError(str(e)) from e
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.check_workdir_config(workdir, config)
+  setup_compilation_cache(config.compilation_cache_dir)
+  o = config.optim
+
+  # --- data
+  t_start = time.perf_counter()
+  dataset = data_lib.load_dataset(config.data, split='train')
+  weight_idx, arch_idx = data_lib.search_split(
+      dataset, config.data.train_portion, seed=config.seed,
+      per_class_fractions=config.data.per_class_fractions)
+  batches = data_lib.SearchBatches(dataset, weight_idx, arch_idx, o.batch_size, config.seed,
+                                   augment=config.data.augment,
+                                   crop_padding=config.data.crop_padding)
+  steps_per_epoch = batches.steps_per_epoch
+  if o.steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, o.steps_per_epoch)
+  total_steps = o.epochs * steps_per_epoch
+  eval_idx = arch_idx[:config.eval_max_examples] if config.eval_max_examples else arch_idx
+  logging.info('data: %d weight / %d arch examples of %s, %d steps/epoch', len(weight_idx),
+               len(arch_idx), dataset.name, steps_per_epoch)
+
+  # --- model and state
+  model = build_model(config, dataset.num_classes)
+  weight_tx, arch_tx = make_optimizers(config, steps_per_epoch)
+  state = create_state(model, dataset.image_shape, weight_tx, arch_tx, config.seed)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('supernet: %.3fM weights, arch params %s', n_params / 1e6,
+               {k: v.shape for k, v in state.arch.items()})
+
+  # --- checkpoint: resume where the last run stopped.
+  manager = ckpt_lib.manager(workdir, config.checkpoints_to_keep)
+  state, resumed = ckpt_lib.restore_latest(manager, state)
+  start_step = int(state.step)
+  if resumed:
+    print(f'Resuming from step {start_step} in {workdir}.', flush=True)
+  ckpt_lib.write_config(workdir, config)
+
+  # --- compile (reported; a persistent cache hit makes this fast)
+  train0, val0 = batches.batch(0)
+  step_fn, compile_s = _compile(
+      make_search_step(model, weight_tx, arch_tx, config, steps_per_epoch), state, train0,
+      val0, donate_argnums=0)
+  eval_fn, eval_compile_s = _compile(
+      make_eval_step(model), state,
+      next(iter(data_lib.eval_batches(dataset, eval_idx[:1], config.eval_batch_size))))
+  print(f'Compiled the search step in {compile_s:.1f} s and the eval step in '
+        f'{eval_compile_s:.1f} s (setup {time.perf_counter() - t_start:.1f} s).', flush=True)
+
+  writer = metrics_lib.MetricWriter(workdir)
+  writer.write(start_step, {'compile_s': compile_s, 'eval_compile_s': eval_compile_s},
+               kind='compile')
+  images_per_step = 2 * o.batch_size  # one arch batch + one weight batch
+  progress = metrics_lib.Progress(total_steps, steps_per_epoch, images_per_step, start_step)
+  genotype = darts.derive_genotype(arch_arrays(state), config.model.steps)
+  summary = {}
+
+  # --- loop
+  epoch_sums, epoch_t0 = {}, time.perf_counter()
+  with batches.iterate(start_step, total_steps - start_step) as stream:
+    for step in range(start_step + 1, total_steps + 1):
+      if stop_at_step is not None and step > stop_at_step:
+        writer.close()
+        return {'stopped_at_step': step - 1}
+      train_batch, val_batch = next(stream)
+      state, metrics = step_fn(state, train_batch, val_batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(metrics['train_loss']) or (
+          step > o.arch_warmup_epochs * steps_per_epoch and not np.isfinite(metrics['val_loss'])):
+        writer.close()
+        raise NonFiniteLossError(
+            f'The loss became {metrics["train_loss"]} (arch batch {metrics["val_loss"]}) at '
+            f'step {step}; stopped without saving, so the last checkpoint in {workdir} is the '
+            'last good state. Lower optim.learning_rate or optim.arch_learning_rate.')
+      for k, v in metrics.items():
+        if np.isfinite(v):
+          epoch_sums.setdefault(k, []).append(v)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        rate = progress.images_per_s(step)
+        progress.line(step, metrics, rate)
+        writer.write(step, {**{k: v for k, v in metrics.items() if np.isfinite(v)},
+                            'images_per_s': rate})
+
+      epoch_end = step % steps_per_epoch == 0
+      if epoch_end:
+        epoch = step // steps_per_epoch
+        arch = arch_arrays(state)
+        genotype = darts.derive_genotype(arch, config.model.steps)
+        held_out = evaluate(eval_fn, state, dataset, eval_idx, config.eval_batch_size)
+        epoch_time = time.perf_counter() - epoch_t0
+        means = {k: float(np.mean(v)) for k, v in epoch_sums.items()}
+        summary = {'epoch': epoch, 'step': step, 'train_loss': means['train_loss'],
+                   'train_acc': means['train_acc'], 'arch_split_loss': held_out['loss'],
+                   'arch_split_acc': held_out['accuracy'], 'epoch_time_s': epoch_time}
+        writer.write(step, {k: v for k, v in summary.items() if k != 'step'}, kind='epoch')
+        with open(os.path.join(workdir, 'genotypes.jsonl'), 'a') as f:
+          f.write(json.dumps({'epoch': epoch, 'step': step, **genotypes.to_json(genotype),
+                              **{k: v.tolist() for k, v in arch.items()}}) + '\n')
+        print(f'== epoch {epoch}/{o.epochs}: train loss {means["train_loss"]:.4f} '
+              f'acc {100 * means["train_acc"]:.2f}% | supernet on held-out arch split: loss '
+              f'{held_out["loss"]:.4f} acc {100 * held_out["accuracy"]:.2f}% | '
+              f'{metrics_lib.format_seconds(epoch_time)}\n   genotype '
+              f'{genotypes.format_genotype(genotype)}', flush=True)
+        epoch_sums, epoch_t0 = {}, time.perf_counter()
+      if epoch_end or step % config.checkpoint_every_steps == 0:
+        ckpt_lib.save(manager, step, state)
+
+  manager.wait_until_finished()
+  arch = arch_arrays(state)
+  genotype = darts.derive_genotype(arch, config.model.steps)
+  result = {'method': config.method, 'dataset': dataset.name, 'steps': total_steps,
+            'compile_s': compile_s, 'wall_s': time.perf_counter() - t_start,
+            'degenerate': genotypes.is_degenerate(genotype), **summary}
+  write_genotype_outputs(workdir, genotype, arch, **result)
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump({**result, 'genotype': genotypes.to_json(genotype)}, f, indent=2)
+  writer.close()
+  print(f'Search done: genotype written to {os.path.join(workdir, genotypes.GENOTYPE_FILE)}, '
+        f'cells pictured in {os.path.join(workdir, "cells.svg")}.\n   '
+        f'{genotypes.format_genotype(genotype)}', flush=True)
+  return {**result, 'genotype': genotype}

@@ -1,0 +1,1 @@
+"""Search spaces, chosen by name."""

@@ -1,0 +1,334 @@
+"""The DARTS cell search space (Liu et al. 2019) with PC-DARTS partial channels.
+
+A cell has two inputs (the outputs of the two previous cells), ``steps`` intermediate
+nodes and an output that concatenates the last ``multiplier`` nodes. Node i sums one
+edge from every earlier state (0 .. i+1), so 4 nodes give 2+3+4+5 = 14 edges. Each edge
+is a mixed op: a weighted sum of all primitives.
+
+To keep the program XLA sees small, the edges leaving one state are computed together:
+their mixed ops share the input and are ``nn.vmap``-ed over stacked per-edge weights, so
+a cell is 5 batched mixed ops (4+4+3+2+1 edges) instead of 14 separate ones.
+"""
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnas import genotypes
+from jaxnas import partial_channels as pc
+from jaxnas.ops import primitives as ops
+
+PRIMITIVES = genotypes.PRIMITIVES
+
+
+def num_edges(steps: int) -> int:
+  return steps * (steps + 3) // 2
+
+
+def edge_index(node: int, source: int) -> int:
+  """Row of the alphas for the edge from state ``source`` into intermediate ``node``."""
+  return node * (node +3) // 2 + source
+
+
+def edges_from(source: int, steps: int) -> list[tuple[int, int]]:
+  """(node, edge index) of every edge that leaves state ``source``."""
+  return [(i, edge_index(i, source)) for i in range(max(0, source - 1), steps)]
+
+
+# (kernel size, dilation, stacked blocks) of the conv primitives.
+CONV_OPS = {'sep_conv_3x3': (3, 1, 2), 'sep_conv_5x5': (5, 1, 2),
+            'dil_conv_3x3': (3, 2, 1), 'dil_conv_5x5': (5, 2, 1)}
+POOL_OPS = {'max_pool_3x3': ops.max_pool, 'avg_pool_3x3': ops.avg_pool}
+
+
+class MixedOp(nn.Module):
+  """One edge: sum_k w_k * op_k(x) over the primitives, in search mode.
+
+  The primitives run side by side on the same input, so their like stages are computed
+  together: the 1x1 convs of all conv ops as one batched matmul over a (group, channel)
+  axis and their BatchNorms as one BN over it (BN is per channel, so this is exact); the
+  pools likewise. The parameters are those of the separate ops, stacked. 'none' adds
+  zero and is not computed; its alpha still takes part in the softmax.
+  """
+  features: int
+  stride: int
+  primitives: tuple[str, ...]
+  train: bool
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x, weights):
+    c, s = x.shape[-1], self.stride
+    if c != self.features:
+      raise ValueError(f'MixedOp maps C to C channels; got {c} for {self.features}.')
+    index = {name: i for i, name in enumerate(self.primitives)}
+    out = 0.0
+
+    # Sep convs first: their first block's output continues into the second block.
+    convs = sorted((p for p in self.primitives if p in CONV_OPS),
+                   key=lambda p: -CONV_OPS[p][2])
+    seps = [p for p in convs if CONV_OPS[p][2] == 2]
+    if convs:
+      r = nn.relu(x)
+      first = [self._depthwise(r, p, 0, s) for p in convs]
+      y = self._pointwise_bn(jnp.stack(first, -2), 'pw0', 'bn0')
+      # Weighted sums over the op axis are one contraction each (sep convs weigh 0 here).
+      w = jnp.stack([weights[index[p]] if p not in seps else 0.0 for p in convs])
+      out = out + jnp.einsum('...gc,g->...c', y, w)
+      if seps:
+        second = [self._depthwise(nn.relu(y[..., g, :]), p, 1, 1) for g, p in enumerate(seps)]
+        z = self._pointwise_bn(jnp.stack(second, -2), 'pw1', 'bn1')
+        out = out + jnp.einsum('...gc,g->...c', z, jnp.stack([weights[index[p]] for p in seps]))
+
+    pools = [p for p in self.primitives if p in POOL_OPS]
+    if pools:
+      y = jnp.stack([POOL_OPS[p](x, 3, s, 1) for p in pools], -2)
+      y = ops.BatchNorm(self.train, feature_ndim=2, name='pool_bn')(y)
+      out = out + jnp.einsum('...gc,g->...c', y, jnp.stack([weights[index[p]] for p in pools]))
+
+    if 'skip_connect' in index:
+      skip = x if s == 1 else ops.FactorizedReduce(c, name='skip_connect')(x, self.train)
+      out = out + weights[index['skip_connect']] * skip
+    unknown = set(self.primitives) - set(CONV_OPS) - set(POOL_OPS) - {'skip_connect', 'none'}
+    if unknown:
+      raise ValueError(f'Unknown primitives {sorted(unknown)} in the DARTS space.')
+    return out
+
+  def _depthwise(self, x, op, block, stride):
+    k, dilation, _ = CONV_OPS[op]
+    return ops.DepthwiseConv(k, stride, dilation if block == 0 else 1, impl=self.impl,
+                             name=f'{op}_dw{block}')(x)
+
+  def _pointwise_bn(self, y, pw_name, bn_name):
+    """Per-group 1x1 convs (G, c, c) as one batched matmul, then one BN over (G, c)."""
+    g, c = y.shape[-2:]
+    kernel = self.param(pw_name, ops.torch_init_stacked, (g, c, c))
+    y = ops.pointwise(y, kernel)
+    return ops.BatchNorm(self.train, feature_ndim=2, name=bn_name)(y)
+
+
+class EdgeOutputs(NamedTuple):
+  mixed: jax.Array            # (E, B, H', W', C/K): the mixed op on the selected channels
+  bypass: jax.Array | None    # channels that skip the mixed op (pooled on stride-2 edges)
+  channels: jax.Array | None  # (E, C/K) selected channel indices ('random' sampling)
+
+
+class EdgeGroup(nn.Module):
+  """The ``num_edges`` mixed ops that read the same state, as one vmapped mixed op."""
+  num_edges: int
+  features: int
+  stride: int
+  k: int
+  sampling: str
+  primitives: tuple[str, ...]
+  train: bool
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, s, weights) -> EdgeOutputs:
+    c = self.features // self.k
+    pool = ops.max_pool_2x2 if self.stride == 2 else (lambda t: t)
+    bypass = channels = None
+    if self.k == 1:
+      x, x_axis = s, None
+    elif self.sampling == 'shuffle':
+      # Reference: the first C/K channels go through the mixed op.
+      x, x_axis = s[..., :c], None
+      bypass = pool(s[..., c:])
+    else:
+      # Fixed-size gather of C/K channels per edge: static shapes, fresh every call.
+      channels = pc.sample_channels(self.make_rng('channels'), self.num_edges, self.features,
+                                    self.k)
+      x, x_axis = jax.vmap(lambda idx: jnp.take(s, idx, axis=-1))(channels), 0
+      bypass = pool(s)
+    # x is shared by all edges in the group (in_axes None) unless channels differ per edge.
+    mixed = nn.vmap(
+        MixedOp, in_axes=(x_axis, 0), out_axes=0,
+        variable_axes={'params': 0, 'batch_stats': 0}, split_rngs={'params': True},
+        axis_size=self.num_edges)(c, self.stride, self.primitives, self.train, self.impl,
+                                  name='mixed')(x, weights)
+    return EdgeOutputs(mixed, bypass, channels)
+
+
+class SearchCell(nn.Module):
+  """A DARTS search cell; ``op_weights`` (14, num_ops), ``edge_weights`` (14,)."""
+  features: int
+  reduction: bool
+  reduction_prev: bool
+  train: bool
+  steps: int = 4
+  multiplier: int = 4
+  k: int = 1
+  sampling: str = 'shuffle'
+  primitives: tuple[str, ...] = PRIMITIVES
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, s0, s1, op_weights, edge_weights):
+    C = self.features
+    if self.reduction_prev:
+      s0 = ops.FactorizedReduce(C, affine=False, name='preprocess0')(s0, self.train)
+    else:
+      s0 = ops.ReLUConvBN(C, affine=False, name='preprocess0')(s0, self.train)
+    s1 = ops.ReLUConvBN(C, affine=False, name='preprocess1')(s1, self.train)
+    states = [s0, s1]
+    incoming: list[list[tuple[EdgeOutputs, int, int]]] = [[] for _ in range(self.steps)]
+
+    def emit(source):
+      targets = edges_from(source, self.steps)
+      rows = np.array([e for _, e in targets])
+      stride = 2 if self.reduction and source < 2 else 1
+      out = EdgeGroup(len(targets), C, stride, self.k, self.sampling, self.primitives,
+                      self.train, self.impl, name=f'edges_from_{source}')(
+                          states[source], op_weights[rows])
+      for pos, (node, e) in enumerate(targets):
+        incoming[node].append((out, pos, e))
+
+    emit(0)
+    emit(1)
+    for i in range(self.steps):
+      states.append(self._node(incoming[i], edge_weights))
+      if i + 2 <= self.steps:
+        emit(i + 2)
+    return jnp.concatenate(states[-self.multiplier:], axis=-1)
+
+  def _node(self, parts, edge_weights):
+    """sum_j beta_j * edge_j; partial-channel edges are combined with their bypass."""
+    C, k = self.features, self.k
+    if k == 1:
+      return sum(edge_weights[e] * out.mixed[pos] for out, pos, e in parts)
+    if self.sampling == 'shuffle':
+      # The shuffle is a fixed permutation, so summing before it is exact and cheaper.
+      mixed = sum(edge_weights[e] * out.mixed[pos] for out, pos, e in parts)
+      bypass = sum(edge_weights[e] * out.bypass for out, pos, e in parts)
+      return pc.channel_shuffle(jnp.concatenate([mixed, bypass], -1), k)
+    total = 0.0
+    for out, pos, e in parts:
+      idx = out.channels[pos]
+      keep = 1.0 - jnp.zeros((C,), out.bypass.dtype).at[idx].set(1.0)
+      edge = out.bypass * keep + pc.scatter_channels(out.mixed[pos], idx, C)
+      total = total + edge_weights[e] * edge
+    return total
+
+
+class SearchNetwork(nn.Module):
+  """The DARTS supernet. Architecture parameters live in the ``arch`` collection:
+  ``alphas_{normal,reduce}`` (14, num_ops) and, with edge normalization,
+  ``betas_{normal,reduce}`` (14,)."""
+  num_classes: int
+  C: int = 16
+  layers: int = 8
+  steps: int = 4
+  multiplier: int = 4
+  stem_multiplier: int = 3
+  stem: str = 'cifar'
+  k: int = 1
+  sampling: str = 'shuffle'
+  edge_normalization: bool = False
+  primitives: tuple[str, ...] = PRIMITIVES
+  impl: str = 'auto'
+  remat: bool = False
+
+  def arch_shapes(self) -> dict[str, tuple[int, ...]]:
+    e = num_edges(self.steps)
+    shapes = {'alphas_normal': (e, len(self.primitives)),
+              'alphas_reduce': (e, len(self.primitives))}
+    if self.edge_normalization:
+      shapes.update(betas_normal=(e,), betas_reduce=(e,))
+    return shapes
+
+  def mixing_weights(self, arch) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """(op weights, edge weights) per cell type from the arch params."""
+    out = {}
+    for kind in ('normal', 'reduce'):
+      op_w = jax.nn.softmax(arch[f'alphas_{kind}'], axis=-1)
+      if self.edge_normalization:
+        edge_w = pc.edge_normalization(arch[f'betas_{kind}'], self.steps)
+      else:
+        edge_w = jnp.ones((num_edges(self.steps),), op_w.dtype)
+      out[kind] = (op_w, edge_w)
+    return out
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    arch = {}
+    for name, shape in self.arch_shapes().items():
+      # 1e-3 * N(0, 1), as the reference initializes alphas and betas.
+      arch[name] = self.variable(
+          'arch', name, lambda s=shape: 1e-3 * jax.random.normal(self.make_rng('params'), s)
+      ).value
+    weights = self.mixing_weights(arch)
+
+    x = self._stem(x, train)
+    s0, s1 = x if isinstance(x, tuple) else (x, x)
+    C_curr = self.C
+    reduction_prev = self.stem == 'imagenet'
+    cell_cls = nn.remat(SearchCell, static_argnums=()) if self.remat else SearchCell
+    for i in range(self.layers):
+      reduction = i in (self.layers // 3, 2 * self.layers // 3)
+      if reduction:
+        C_curr *= 2
+      cell = cell_cls(C_curr, reduction, reduction_prev, train, self.steps, self.multiplier,
+                      self.k, self.sampling, self.primitives, self.impl, name=f'cell_{i}')
+      s0, s1 = s1, cell(s0, s1, *weights['reduce' if reduction else 'normal'])
+      reduction_prev = reduction
+    out = jnp.mean(s1, axis=(1, 2))
+    return nn.Dense(self.num_classes, kernel_init=ops.torch_init,
+                    bias_init=_torch_bias_init(out.shape[-1]), name='classifier')(out)
+
+  def _stem(self, x, train):
+    conv = lambda f, stride, name: nn.Conv(  # noqa: E731
+        f, (3, 3), (stride, stride), padding=1, use_bias=False, kernel_init=ops.torch_init,
+        name=name)
+    if self.stem == 'cifar':
+      x = conv(self.stem_multiplier * self.C, 1, 'stem_conv')(x)
+      return ops.batch_norm(train, affine=True, name='stem_bn')(x)
+    if self.stem == 'imagenet':
+      # Three stride-2 convs: 224 -> 28 before the first cell (PC-DARTS ImageNet search).
+      s0 = conv(self.C // 2, 2, 'stem0_conv0')(x)
+      s0 = nn.relu(ops.batch_norm(train, affine=True, name='stem0_bn0')(s0))
+      s0 = ops.batch_norm(train, affine=True, name='stem0_bn1')(
+          conv(self.C, 2, 'stem0_conv1')(s0))
+      s1 = ops.batch_norm(train, affine=True, name='stem1_bn')(
+          conv(self.C, 2, 'stem1_conv')(nn.relu(s0)))
+      return s0, s1
+    raise ValueError(f"Unknown stem {self.stem!r}; use 'cifar' or 'imagenet'.")
+
+
+def _torch_bias_init(fan_in: int):
+  bound = 1.0 / np.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                   bound)
+
+
+def derive_genotype(arch: dict[str, Any], steps: int = 4,
+                    primitives: tuple[str, ...] = PRIMITIVES) -> genotypes.Genotype:
+  """The discrete cell of the reference: for each node keep the two incoming edges with
+  the largest non-'none' weight, each with its strongest non-'none' op. With betas, each
+  edge's op weights are first scaled by its normalized beta (PC-DARTS)."""
+  arch = {k: np.asarray(v, np.float64) for k, v in arch.items()}
+  candidates = [k for k, p in enumerate(primitives) if p != 'none']
+
+  def parse(kind):
+    a = arch[f'alphas_{kind}']
+    w = np.exp(a - a.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    if f'betas_{kind}' in arch:
+      w = w * np.asarray(pc.edge_normalization(jnp.asarray(arch[f'betas_{kind}']), steps))[:, None]
+    gene = []
+    for i in range(steps):
+      rows = w[edge_index(i, 0):edge_index(i, 0) + i + 2]
+      strength = [max(rows[j][k] for k in candidates) for j in range(i + 2)]
+      for j in sorted(range(i + 2), key=lambda j: -strength[j])[:2]:
+        best = max(candidates, key=lambda k: rows[j][k])
+        gene.append((primitives[best], j))
+    return gene
+
+  concat = list(range(2, 2 + steps))
+  return genotypes.Genotype(parse('normal'), concat, parse('reduce'), concat)
+
+
+SEARCH_SPACES = {'darts': SearchNetwork}

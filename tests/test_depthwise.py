@@ -1,0 +1,215 @@
+"""Tests of jaxnas.ops.depthwise against lax's grouped convolution."""
+
+import functools
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax import test_util
+
+from jaxnas.ops import depthwise
+
+C = 3
+CASES = list(itertools.product(('shifted', 'xla'), (3, 5), (1, 2), (1, 2)))
+SIZES = ((7, 7), (8, 8))  # Non-square inputs are in the vmap and HVP tests.
+
+
+def reference(x, w, stride, dilation):
+  """PyTorch Conv2d(C, C, k, stride, dilation*(k-1)//2, dilation, groups=C)."""
+  kh, kw, c = w.shape
+  pads = [(dilation * (kh - 1) // 2,) * 2, (dilation * (kw - 1) // 2,) * 2]
+  return lax.conv_general_dilated(
+      x, w.reshape(kh, kw, 1, c), (stride, stride), pads,
+      rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c,
+      precision=lax.Precision.HIGHEST)
+
+
+def torch_out_size(size, k, stride, dilation):
+  p = dilation * (k - 1) // 2
+  return (size + 2 * p - dilation * (k - 1) - 1) // stride + 1
+
+
+def inputs(key, shape, k):
+  kx, kw = jax.random.split(key)
+  return (jax.random.normal(kx, shape, jnp.float32),
+          jax.random.normal(kw, (k, k, shape[-1]), jnp.float32))
+
+
+def assert_close(a, b, tol=1e-5):
+  # Scale-aware: weight gradients are sums over N*H*W terms.
+  scale = max(1.0, float(jnp.max(jnp.abs(b))))
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol,
+                             atol=tol * scale)
+
+
+@pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('impl,k,stride,dilation', CASES)
+def test_values_and_grads_match_grouped_conv(impl, k, stride, dilation, size):
+  x, w = inputs(jax.random.key(0), (2, *size, C), k)
+  out_shape = (2, torch_out_size(size[0], k, stride, dilation),
+               torch_out_size(size[1], k, stride, dilation), C)
+  # Gradients of a random linear functional of the output.
+  r = jax.random.normal(jax.random.key(1), out_shape)
+
+  @jax.jit
+  def value_and_grads(x, w, r):
+    y, vjp = jax.vjp(lambda x, w: depthwise.depthwise_conv(
+        x, w, stride=stride, dilation=dilation, impl=impl), x, w)
+    return y, vjp(r)
+
+  @jax.jit
+  def ref_value_and_grads(x, w, r):
+    y, vjp = jax.vjp(lambda x, w: reference(x, w, stride, dilation), x, w)
+    return y, vjp(r)
+
+  y, grads = value_and_grads(x, w, r)
+  ref_y, ref_grads = ref_value_and_grads(x, w, r)
+  chex.assert_shape(y, out_shape)
+  assert_close(y, ref_y)
+  for g, ref_g in zip(grads, ref_grads):
+    assert_close(g, ref_g)
+
+
+@pytest.mark.parametrize('impl', ('shifted', 'xla'))
+def test_vmap_over_edges_matches_loop(impl):
+  e, k, stride, dilation = 3, 3, 2, 2
+  x, _ = inputs(jax.random.key(2), (e, 2, 8, 7, C), k)
+  w = jax.random.normal(jax.random.key(3), (e, k, k, C))
+  r = jax.random.normal(jax.random.key(4), (e, 2, 4, 4, C))
+  conv = functools.partial(depthwise.depthwise_conv, stride=stride,
+                           dilation=dilation, impl=impl)
+  ref = functools.partial(reference, stride=stride, dilation=dilation)
+
+  def loop(x, w):
+    return jnp.stack([ref(x[i], w[i]) for i in range(e)])
+
+  def grads(f, x, w):
+    return jax.grad(lambda x, w: jnp.sum(r * f(x, w)), (0, 1))(x, w)
+
+  @jax.jit
+  def pairs(x, w):
+    """(vmapped, per-edge loop) pairs that must agree."""
+    batched = functools.partial(depthwise.depthwise_conv_batched, stride=stride,
+                                dilation=dilation, impl=impl)
+    ref_grads = grads(loop, x, w)
+    # Nested vmap (e.g. edges inside a vmapped population of architectures).
+    nested_grads = grads(lambda x, w: jax.vmap(batched)(x, w)[0],
+                         jnp.stack([x, x]), jnp.stack([w, w]))
+    return [
+        (batched(x, w), loop(x, w)),
+        *zip(grads(jax.vmap(conv), x, w), ref_grads),
+        *zip([g[0] for g in nested_grads], ref_grads),
+        # One operand shared across the mapped axis.
+        (jax.vmap(lambda x: conv(x, w[0]))(x),
+         jnp.stack([ref(x[i], w[0]) for i in range(e)])),
+        (jax.vmap(lambda w: conv(x[0], w))(w),
+         jnp.stack([ref(x[0], w[i]) for i in range(e)])),
+    ]
+
+  for actual, expected in pairs(x, w):
+    assert_close(actual, expected)
+
+
+@pytest.mark.parametrize('stride,dilation', ((1, 1), (2, 1), (1, 2), (2, 2)))
+def test_hessian_vector_product_matches_grouped_conv(stride, dilation):
+  """DARTS second order differentiates through a gradient: check forward-over-
+  reverse and reverse-over-reverse Hessian-vector products."""
+  k = 3
+  x, w = inputs(jax.random.key(5), (2, 7, 8, C), k)
+  tx, tw = inputs(jax.random.key(6), x.shape, k)
+  r = jax.random.normal(
+      jax.random.key(7), reference(x, w, stride, dilation).shape)
+
+  def loss(conv):
+    # tanh makes the Hessian depend on x and w, not just on the bilinearity.
+    return lambda x, w: jnp.sum(r * jnp.tanh(conv(x, w)))
+
+  shifted = loss(lambda x, w: depthwise.depthwise_conv(
+      x, w, stride=stride, dilation=dilation, impl='shifted'))
+  ref = loss(lambda x, w: reference(x, w, stride, dilation))
+
+  def hvp_fwd_rev(f):
+    return jax.jvp(jax.grad(f, (0, 1)), (x, w), (tx, tw))[1]
+
+  def hvp_rev_rev(f):
+    return jax.grad(lambda x, w: sum(
+        jnp.vdot(g, t) for g, t in zip(jax.grad(f, (0, 1))(x, w), (tx, tw))),
+                    (0, 1))(x, w)
+
+  expected = hvp_fwd_rev(ref)
+  for hvp in (hvp_fwd_rev(shifted), hvp_rev_rev(shifted)):
+    for h, e in zip(hvp, expected):
+      assert_close(h, e, tol=1e-4)
+
+
+def test_grads_match_finite_differences_to_second_order():
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(8), (2, 6, 5, 2), jnp.float64)
+    w = jax.random.normal(jax.random.key(9), (3, 3, 2), jnp.float64)
+    for stride, dilation in ((1, 1), (2, 2)):
+      f = lambda x, w: jnp.tanh(depthwise.depthwise_conv(
+          x, w, stride=stride, dilation=dilation, impl='shifted'))
+      test_util.check_grads(f, (x, w), order=2, modes=('fwd', 'rev'))
+
+
+def test_linearization_saves_only_x_and_w():
+  x, w = inputs(jax.random.key(10), (2, 8, 8, C), 5)
+  _, vjp_fn = jax.vjp(
+      lambda x, w: depthwise.depthwise_conv(x, w, impl='shifted'), x, w)
+  saved = sorted((l.shape for l in jax.tree.leaves(vjp_fn)), key=len)
+  assert saved == [w.shape, x.shape]
+
+
+def test_backward_is_one_reduction_independent_of_kernel_size():
+  """The weight gradient is one variadic reduce (plus the batch sum), not one
+  reduction per tap; that keeps compiled programs small and fast."""
+  counts = []
+  for k in (3, 5):
+    x, w = inputs(jax.random.key(11), (2, 8, 8, C), k)
+    r = jnp.ones((2, 8, 8, C))
+    f = jax.grad(lambda x, w: jnp.sum(
+        r * depthwise.depthwise_conv(x, w, impl='shifted')), (0, 1))
+    text = jax.jit(f).lower(x, w).as_text()
+    counts.append(text.count('stablehlo.reduce'))
+  assert counts[0] == counts[1] <= 3, counts
+
+
+def test_low_precision_inputs():
+  x, w = inputs(jax.random.key(12), (2, 8, 8, C), 3)
+  y = depthwise.depthwise_conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                               impl='shifted')
+  assert y.dtype == jnp.bfloat16
+  assert_close(y.astype(jnp.float32), reference(x, w, 1, 1), tol=5e-2)
+  gw = jax.grad(lambda w: jnp.sum(depthwise.depthwise_conv(
+      x.astype(jnp.bfloat16), w, impl='shifted').astype(jnp.float32)))(
+          w.astype(jnp.bfloat16))
+  assert gw.dtype == jnp.bfloat16
+
+
+def test_impl_selection(monkeypatch):
+  monkeypatch.delenv(depthwise.ENV_VAR, raising=False)
+  expected = 'shifted' if jax.default_backend() == 'cpu' else 'xla'
+  assert depthwise.resolve_impl('auto') == expected
+  monkeypatch.setenv(depthwise.ENV_VAR, 'xla')
+  assert depthwise.resolve_impl('auto') == 'xla'
+  assert depthwise.resolve_impl('shifted') == 'shifted'  # Explicit wins.
+  monkeypatch.setenv(depthwise.ENV_VAR, 'cudnn')
+  with pytest.raises(ValueError, match=depthwise.ENV_VAR):
+    depthwise.resolve_impl('auto')
+  with pytest.raises(ValueError, match='impl'):
+    depthwise.resolve_impl('fast')
+
+
+def test_bad_arguments_raise_clear_errors():
+  x, w = inputs(jax.random.key(13), (2, 8, 8, C), 3)
+  with pytest.raises(ValueError, match='same C'):
+    depthwise.depthwise_conv(x, w[..., :2])
+  with pytest.raises(ValueError, match='stride'):
+    depthwise.depthwise_conv(x, w, stride=0)
+  with pytest.raises(ValueError, match='same E'):
+    depthwise.depthwise_conv_batched(x[None], w[None].repeat(2, 0))

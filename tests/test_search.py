@@ -1,0 +1,256 @@
+"""The search step, the loop, checkpoints/resume and the user-facing errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnas import base_config
+from jaxnas import genotypes
+from jaxnas import search
+from jaxnas.spaces import darts
+from test_data import write_fashion_mnist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**model):
+  """A supernet small enough to compile quickly: 3 cells of 2 nodes, C=4."""
+  c = base_config.smoke(base_config.search_config())
+  c.model.update(dict(C=4, layers=3, steps=2, multiplier=2, k=2), **model)
+  c.optim.batch_size = 4
+  c.eval_batch_size = 8
+  c.eval_max_examples = 8
+  c.compilation_cache_dir = ''
+  return c
+
+
+def random_batch(rng, n, shape, classes=10):
+  return {'image': jnp.asarray(rng.normal(size=(n,) + shape), jnp.float32),
+          'label': jnp.asarray(rng.integers(0, classes, n), jnp.int32)}
+
+
+@pytest.fixture(scope='module')
+def phase_setup():
+  config = tiny_config()
+  model = search.build_model(config, 10)
+  weight_tx, arch_tx = search.make_optimizers(config, steps_per_epoch=3)
+  state = search.create_state(model, (8, 8, 3), weight_tx, arch_tx, seed=0)
+  arch_step, weight_step = search.make_phase_steps(model, weight_tx, arch_tx, config, 3)
+  rng = np.random.default_rng(0)
+  batches = random_batch(rng, 4, (8, 8, 3)), random_batch(rng, 4, (8, 8, 3))
+  return state, jax.jit(arch_step), jax.jit(weight_step), batches
+
+
+def _changed(a, b):
+  return [not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+
+
+def test_weight_step_leaves_arch_params_unchanged(phase_setup):
+  state, _, weight_step, (train, _) = phase_setup
+  new, metrics = weight_step(state, train, jax.random.PRNGKey(1))
+  chex.assert_trees_all_equal(new.arch, state.arch)
+  chex.assert_trees_all_equal(new.arch_opt_state, state.arch_opt_state)
+  assert all(_changed(new.params, state.params)), 'every weight should move'
+  assert np.isfinite(metrics['train_loss'])
+
+
+def test_arch_step_leaves_weights_unchanged(phase_setup):
+  state, arch_step, _, (train, val) = phase_setup
+  new, loss, _ = arch_step(state, train, val, (jax.random.PRNGKey(1), jax.random.PRNGKey(2)))
+  chex.assert_trees_all_equal(new.params, state.params)
+  chex.assert_trees_all_equal(new.weight_opt_state, state.weight_opt_state)
+  assert all(_changed(new.arch, state.arch)), 'alphas and betas should move'
+  assert np.isfinite(loss)
+
+
+def test_second_order_hypergradient_matches_finite_differences():
+  """d/d(alpha) L_val(w - lr*(mu*m + dL_train/dw + wd*w), alpha), checked along a random
+  direction with central differences in float64."""
+  with jax.enable_x64(True):
+    model = darts.SearchNetwork(num_classes=3, C=2, layers=1, steps=2, multiplier=2, k=1,
+                                impl='xla')
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 4, 4, 1)))
+    variables = model.init({'params': jax.random.PRNGKey(0)}, x, train=True)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), variables['params'])
+    arch = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), variables['arch'])
+    buffer = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)) * 0.1, params)
+    train = {'image': x, 'label': jnp.array([0, 2])}
+    val = {'image': jnp.asarray(rng.normal(size=(2, 4, 4, 1))), 'label': jnp.array([1, 0])}
+    bs = variables['batch_stats']
+    keys = (jax.random.PRNGKey(1), jax.random.PRNGKey(2))
+    loss_fn = lambda *a: search._loss_fn(model, *a)  # noqa: E731
+    hyper = lambda a: search.unrolled_arch_grad(  # noqa: E731
+        loss_fn, params, a, bs, train, val, buffer, 0.5, 0.9, 3e-4, keys)
+    (_, _), grad = jax.jit(hyper)(arch)
+    direction = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), arch)
+    f = jax.jit(lambda a: hyper(a)[0][0])
+    eps = 1e-5
+    plus = f(jax.tree.map(lambda a, d: a + eps * d, arch, direction))
+    minus = f(jax.tree.map(lambda a, d: a - eps * d, arch, direction))
+    numeric = (plus - minus) / (2 * eps)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad),
+                                                   jax.tree.leaves(direction)))
+    assert abs(float(analytic)) > 1e-4, 'the hypergradient should not vanish here'
+    np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6)
+    # The unrolled term matters: the first-order gradient differs.
+    first = jax.grad(lambda a: loss_fn(params, a, bs, val, keys[1])[0])(arch)
+    first_dir = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(first),
+                                                    jax.tree.leaves(direction)))
+    assert abs(float(first_dir) - float(analytic)) > 1e-6
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope='module')
+def idx_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp('fmnist_idx')
+  write_fashion_mnist(str(directory), np.random.default_rng(0), n_train=64, n_test=8)
+  return str(directory)
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('xla_cache'))
+
+
+def idx_config(idx_dir, cache_dir):
+  c = tiny_config()
+  c.data.name = 'fashion_mnist'
+  c.data.source = 'idx'
+  c.data.data_dir = idx_dir
+  c.data.max_examples = None
+  c.optim.epochs = 2
+  c.optim.steps_per_epoch = 3
+  c.optim.arch_warmup_epochs = 1
+  c.checkpoint_every_steps = 2
+  c.compilation_cache_dir = cache_dir
+  return c
+
+
+def test_search_end_to_end_on_idx_files(tmp_path, idx_dir, cache_dir):
+  workdir = str(tmp_path / 'run')
+  result = search.run_search(idx_config(idx_dir, cache_dir), workdir)
+  for name in ('config.json', 'metrics.jsonl', 'genotypes.jsonl', 'genotype.json', 'arch.npz',
+               'cells.svg', 'cells.png', 'summary.json'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, 'tb'))
+  loaded = genotypes.load(workdir)
+  assert loaded == genotypes.validate(result['genotype'])
+  with open(os.path.join(workdir, 'genotypes.jsonl')) as f:
+    epochs = [json.loads(line) for line in f]
+  assert [e['epoch'] for e in epochs] == [1, 2]
+  # The arch params moved only in epoch 2 (warm-up of one epoch), and match arch.npz.
+  arch = np.load(os.path.join(workdir, 'arch.npz'))
+  np.testing.assert_allclose(arch['alphas_normal'], epochs[-1]['alphas_normal'], rtol=1e-6)
+  assert not np.allclose(epochs[0]['alphas_normal'], epochs[1]['alphas_normal'])
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  kinds = {r['kind'] for r in records}
+  assert {'compile', 'train', 'epoch'} <= kinds
+  assert all(np.isfinite(r['train_loss']) for r in records if r['kind'] == 'train')
+  assert 0.0 <= result['arch_split_acc'] <= 1.0
+
+
+def test_resume_gives_the_same_search(tmp_path, idx_dir, cache_dir):
+  config = idx_config(idx_dir, cache_dir)
+  full = search.run_search(config, str(tmp_path / 'full'))
+  interrupted = str(tmp_path / 'interrupted')
+  # Killed after step 5: the last checkpoint is step 4, so step 5 is redone on resume.
+  assert search.run_search(config, interrupted, stop_at_step=5) == {'stopped_at_step': 5}
+  assert sorted(os.listdir(os.path.join(interrupted, 'checkpoints'))) == ['3', '4']
+  resumed = search.run_search(config, interrupted)
+  assert resumed['genotype'] == full['genotype']
+  a = np.load(os.path.join(tmp_path / 'full', 'arch.npz'))
+  b = np.load(os.path.join(interrupted, 'arch.npz'))
+  for name in a.files:
+    np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_search_end_to_end_on_tfds_mock_data(tmp_path, cache_dir):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.data.name = 'cifar10'
+  c.data.source = 'tfds'
+  c.data.max_examples = None
+  c.optim.epochs = 1
+  c.optim.arch_warmup_epochs = 0
+  c.compilation_cache_dir = cache_dir
+  with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+    result = search.run_search(c, str(tmp_path / 'run'))
+  assert result['steps'] == 3 and result['dataset'] == 'cifar10'
+  assert np.isfinite(result['arch_split_loss'])
+  genotypes.load(str(tmp_path / 'run'))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize('field, value, words', [
+    ('model.k', 3, 'model.k'),
+    ('optim.epochs', 0, 'optim.epochs'),
+    ('optim.batch_size', -8, 'optim.batch_size'),
+    ('model.channel_sampling', 'mask', 'model.channel_sampling'),
+    ('data.train_portion', 1.5, 'data.train_portion'),
+    ('optim.order', 3, 'optim.order'),
+])
+def test_bad_config_fields_are_named(field, value, words):
+  c = tiny_config()
+  section, name = field.split('.')
+  c[section][name] = value
+  with pytest.raises(search.ConfigError, match=words.replace('.', r'\.')):
+    search.validate_config(c)
+
+
+def test_batch_not_divisible_by_devices(monkeypatch):
+  monkeypatch.setattr(jax, 'device_count', lambda: 8)
+  c = tiny_config()
+  c.optim.batch_size = 12
+  with pytest.raises(search.ConfigError, match=r'optim\.batch_size = 12 .* 8 devices'):
+    search.validate_config(c)
+
+
+def test_workdir_of_another_search_is_refused(tmp_path, idx_dir, cache_dir):
+  config = idx_config(idx_dir, cache_dir)
+  search.run_search(config, str(tmp_path), stop_at_step=0)
+  config.model.C = 8
+  with pytest.raises(ValueError, match=r'model\.C'):
+    search.run_search(config, str(tmp_path))
+
+
+def run_main(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'jaxnas.main', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_unknown_field_fails_at_parsing(tmp_path):
+  out = run_main('--config=configs/pcdarts_fashion_mnist.py:smoke', f'--workdir={tmp_path}',
+                 '--config.optim.lr=0.1')
+  assert out.returncode != 0
+  assert 'lr' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_cli_missing_dataset_is_one_clear_line(tmp_path):
+  out = run_main('--config=configs/pcdarts_fashion_mnist.py:smoke', f'--workdir={tmp_path}',
+                 '--config.data.source=idx', f'--config.data.data_dir={tmp_path}/nowhere')
+  assert out.returncode == 1
+  assert 'Traceback' not in out.stderr
+  lines = [line for line in out.stderr.splitlines() if line.startswith('jaxnas: error')]
+  assert len(lines) == 1 and 'fashion_mnist' in lines[0] and 'nowhere' in lines[0]
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_cli_bad_k_is_one_clear_line(tmp_path):
+  out = run_main('--config=configs/pcdarts_cifar.py:smoke', f'--workdir={tmp_path}',
+                 '--config.model.k=3')
+  assert out.returncode == 1 and 'Traceback' not in out.stderr
+  assert 'config.model.k = 3 must divide' in out.stderr
