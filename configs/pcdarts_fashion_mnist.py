@@ -18,12 +18,12 @@ def get_config(arg=None):
   config.data.augment = False
   config.model.C = 8
   config.model.layers = 5
-  config.optim.batch_size = 64
+  config.optim.batch_size = 16
   config.optim.epochs = 4
-  config.optim.learning_rate = 0.1
-  config.optim.steps_per_epoch = 125
+  config.optim.learning_rate = 0.05
+  config.optim.steps_per_epoch = 500
   config.optim.arch_warmup_epochs = 1
-  config.log_every_steps = 20
+  config.log_every_steps = 50
   config.eval_max_examples = 5000
   if arg == 'smoke':
     base_config.smoke(config)

@@ -6,6 +6,8 @@ exist (``--config.optim.lr=...`` instead of ``learning_rate``) fails at flag par
 
 import ml_collections
 
+from jaxnas import genotypes
+
 
 def search_config() -> ml_collections.ConfigDict:
   """PC-DARTS on CIFAR-10 with the paper's settings; the configs change what differs."""
@@ -33,6 +35,7 @@ def search_config() -> ml_collections.ConfigDict:
   c.model.multiplier = 4
   c.model.stem_multiplier = 3
   c.model.stem = 'cifar'      # 'cifar' | 'imagenet' (three stride-2 convs)
+  c.model.primitives = genotypes.PRIMITIVES  # the candidate ops of every edge
   c.model.k = 4               # partial channels: 1/k of the channels go through the mixed op
   c.model.channel_sampling = 'shuffle'  # 'shuffle' (reference) | 'random'
   c.model.edge_normalization = True

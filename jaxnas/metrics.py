@@ -43,19 +43,19 @@ def format_seconds(s: float) -> str:
 class Progress:
   """One line per ``every`` steps: epoch, step, loss, accuracy, images/s, ETA."""
 
-  def __init__(self, total_steps: int, steps_per_epoch: int, images_per_step: int,
-               start_step: int = 0, stream=sys.stdout):
-    self.total, self.per_epoch, self.images = total_steps, steps_per_epoch, images_per_step
+  def __init__(self, total_steps: int, steps_per_epoch: int, start_step: int = 0,
+               stream=sys.stdout):
+    self.total, self.per_epoch = total_steps, steps_per_epoch
     self.stream = stream
     self._t0, self._s0 = time.perf_counter(), start_step
-    self._window = (self._t0, start_step)
+    self._window = (self._t0, 0)
 
-  def images_per_s(self, step: int) -> float:
-    t, s = self._window
+  def images_per_s(self, images_so_far: int) -> float:
+    """Images processed per second since the previous call."""
+    t, n = self._window
     now = time.perf_counter()
-    rate = (step - s) * self.images / max(now - t, 1e-9)
-    self._window = (now, step)
-    return rate
+    self._window = (now, images_so_far)
+    return (images_so_far - n) / max(now - t, 1e-9)
 
   def line(self, step: int, metrics: dict, images_per_s: float) -> str:
     done = step - self._s0

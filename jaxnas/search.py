@@ -84,12 +84,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
   if m.depthwise_impl not in ('auto', 'xla', 'shifted'):
     fail('model.depthwise_impl', f"is {m.depthwise_impl!r}; choose 'auto', 'xla' or 'shifted'.")
+  unknown = [p for p in m.primitives if p not in genotypes.PRIMITIVES]
+  if unknown or not [p for p in m.primitives if p != 'none']:
+    fail('model.primitives', f'must be ops of {genotypes.PRIMITIVES} (not only none), '
+         f'got {tuple(m.primitives)}.')
   if m.multiplier > m.steps:
     fail('model.multiplier', f'= {m.multiplier} cannot exceed model.steps = {m.steps}.')
   if o.order not in (1, 2):
     fail('optim.order', f'must be 1 (first order) or 2 (second order), got {o.order}.')
-  if o.order == 2 and m.k != 1:
-    fail('optim.order', '= 2 (unrolled second order) is DARTS-only here; set model.k = 1.')
   if not 0 < d.train_portion < 1:
     fail('data.train_portion', f'must be in (0, 1), got {d.train_portion}.')
   if o.arch_warmup_epochs < 0 or o.warmup_epochs < 0:
@@ -109,7 +111,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
   return darts.SEARCH_SPACES[config.space](
       num_classes=num_classes, C=m.C, layers=m.layers, steps=m.steps, multiplier=m.multiplier,
       stem_multiplier=m.stem_multiplier, stem=m.stem, k=m.k, sampling=m.channel_sampling,
-      edge_normalization=m.edge_normalization, impl=m.depthwise_impl, remat=m.remat)
+      edge_normalization=m.edge_normalization, primitives=tuple(m.primitives),
+      impl=m.depthwise_impl, remat=m.remat)
 
 
 def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -301,6 +304,12 @@ def setup_compilation_cache(path: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+@jax.jit
+def all_finite(state: SearchState) -> jax.Array:
+  leaves = jax.tree.leaves((state.params, state.arch))
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _compile(fn, *args, **kwargs):
   t0 = time.perf_counter()
   compiled = jax.jit(fn, **kwargs).lower(*args).compile()
@@ -377,9 +386,12 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   writer = metrics_lib.MetricWriter(workdir)
   writer.write(start_step, {'compile_s': compile_s, 'eval_compile_s': eval_compile_s},
                kind='compile')
-  images_per_step = 2 * o.batch_size  # one arch batch + one weight batch
-  progress = metrics_lib.Progress(total_steps, steps_per_epoch, images_per_step, start_step)
-  genotype = darts.derive_genotype(arch_arrays(state), config.model.steps)
+  arch_start = o.arch_warmup_epochs * steps_per_epoch
+  progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step)
+  images = 0  # processed by this run: a weight batch per step, plus an arch batch after warm-up
+  derive = functools.partial(darts.derive_genotype, steps=config.model.steps,
+                             primitives=tuple(config.model.primitives))
+  genotype = derive(arch_arrays(state))
   summary = {}
 
   # --- loop
@@ -392,8 +404,9 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
       train_batch, val_batch = next(stream)
       state, metrics = step_fn(state, train_batch, val_batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      images += o.batch_size * (2 if step > arch_start else 1)
       if not np.isfinite(metrics['train_loss']) or (
-          step > o.arch_warmup_epochs * steps_per_epoch and not np.isfinite(metrics['val_loss'])):
+          step > arch_start and not np.isfinite(metrics['val_loss'])):
         writer.close()
         raise NonFiniteLossError(
             f'The loss became {metrics["train_loss"]} (arch batch {metrics["val_loss"]}) at '
@@ -403,7 +416,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
         if np.isfinite(v):
           epoch_sums.setdefault(k, []).append(v)
       if step % config.log_every_steps == 0 or step == total_steps:
-        rate = progress.images_per_s(step)
+        rate = progress.images_per_s(images)
         progress.line(step, metrics, rate)
         writer.write(step, {**{k: v for k, v in metrics.items() if np.isfinite(v)},
                             'images_per_s': rate})
@@ -412,7 +425,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
       if epoch_end:
         epoch = step // steps_per_epoch
         arch = arch_arrays(state)
-        genotype = darts.derive_genotype(arch, config.model.steps)
+        genotype = derive(arch)
         held_out = evaluate(eval_fn, state, dataset, eval_idx, config.eval_batch_size)
         epoch_time = time.perf_counter() - epoch_t0
         means = {k: float(np.mean(v)) for k, v in epoch_sums.items()}
@@ -430,11 +443,16 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
               f'{genotypes.format_genotype(genotype)}', flush=True)
         epoch_sums, epoch_t0 = {}, time.perf_counter()
       if epoch_end or step % config.checkpoint_every_steps == 0:
+        if not bool(all_finite(state)):  # never overwrite a good checkpoint with a bad one
+          writer.close()
+          raise NonFiniteLossError(
+              f'The weights or arch params became NaN/inf at step {step}; stopped without '
+              f'saving, so the last checkpoint in {workdir} is the last good state.')
         ckpt_lib.save(manager, step, state)
 
   manager.wait_until_finished()
   arch = arch_arrays(state)
-  genotype = darts.derive_genotype(arch, config.model.steps)
+  genotype = derive(arch)
   result = {'method': config.method, 'dataset': dataset.name, 'steps': total_steps,
             'compile_s': compile_s, 'wall_s': time.perf_counter() - t_start,
             'degenerate': genotypes.is_degenerate(genotype), **summary}

@@ -20,10 +20,16 @@ from test_data import write_fashion_mnist
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Four of the eight ops (one of each kind) keep the compiled programs small; every op is
+# checked on its own in test_primitives.py and test_search_space.py.
+TINY_PRIMITIVES = ('none', 'max_pool_3x3', 'skip_connect', 'sep_conv_3x3')
+
+
 def tiny_config(**model):
   """A supernet small enough to compile quickly: 3 cells of 2 nodes, C=4."""
   c = base_config.smoke(base_config.search_config())
-  c.model.update(dict(C=4, layers=3, steps=2, multiplier=2, k=2), **model)
+  c.model.update(dict(C=4, layers=3, steps=2, multiplier=2, k=2,
+                      primitives=TINY_PRIMITIVES), **model)
   c.optim.batch_size = 4
   c.eval_batch_size = 8
   c.eval_max_examples = 8
@@ -75,7 +81,7 @@ def test_second_order_hypergradient_matches_finite_differences():
   direction with central differences in float64."""
   with jax.enable_x64(True):
     model = darts.SearchNetwork(num_classes=3, C=2, layers=1, steps=2, multiplier=2, k=1,
-                                impl='xla')
+                                primitives=TINY_PRIMITIVES, impl='xla')
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 4, 4, 1)))
     variables = model.init({'params': jax.random.PRNGKey(0)}, x, train=True)
@@ -89,12 +95,12 @@ def test_second_order_hypergradient_matches_finite_differences():
     loss_fn = lambda *a: search._loss_fn(model, *a)  # noqa: E731
     hyper = lambda a: search.unrolled_arch_grad(  # noqa: E731
         loss_fn, params, a, bs, train, val, buffer, 0.5, 0.9, 3e-4, keys)
-    (_, _), grad = jax.jit(hyper)(arch)
+    hyper = jax.jit(hyper)  # one program serves the gradient and the differences
+    (_, _), grad = hyper(arch)
     direction = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), arch)
-    f = jax.jit(lambda a: hyper(a)[0][0])
     eps = 1e-5
-    plus = f(jax.tree.map(lambda a, d: a + eps * d, arch, direction))
-    minus = f(jax.tree.map(lambda a, d: a - eps * d, arch, direction))
+    plus = hyper(jax.tree.map(lambda a, d: a + eps * d, arch, direction))[0][0]
+    minus = hyper(jax.tree.map(lambda a, d: a - eps * d, arch, direction))[0][0]
     numeric = (plus - minus) / (2 * eps)
     analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad),
                                                    jax.tree.leaves(direction)))
@@ -254,3 +260,30 @@ def test_cli_bad_k_is_one_clear_line(tmp_path):
                  '--config.model.k=3')
   assert out.returncode == 1 and 'Traceback' not in out.stderr
   assert 'config.model.k = 3 must divide' in out.stderr
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, idx_dir, cache_dir,
+                                                            monkeypatch):
+  from jaxnas import checkpoint as ckpt_lib
+  from jaxnas import data as data_lib
+  batch = data_lib.SearchBatches.batch
+
+  def poisoned(self, step):  # the batch of loop step 5 holds a NaN pixel
+    train, val = batch(self, step)
+    if step == 4:
+      train['image'][0, 0, 0, 0] = np.nan
+    return train, val
+
+  monkeypatch.setattr(data_lib.SearchBatches, 'batch', poisoned)
+  config = idx_config(idx_dir, cache_dir)
+  config.checkpoint_every_steps = 1
+  with pytest.raises(search.NonFiniteLossError, match='at step 5; .*last good state'):
+    search.run_search(config, str(tmp_path))
+  manager = ckpt_lib.manager(str(tmp_path), 2)
+  assert manager.latest_step() == 4
+  model = search.build_model(config, 10)
+  weight_tx, arch_tx = search.make_optimizers(config, 3)
+  state = search.create_state(model, (28, 28, 1), weight_tx, arch_tx, config.seed)
+  restored, ok = ckpt_lib.restore_latest(manager, state)
+  assert ok and int(restored.step) == 4
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))

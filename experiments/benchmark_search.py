@@ -1,0 +1,165 @@
+r"""Search-step throughput, memory, FLOPs and compile time of the DARTS / PC-DARTS supernets.
+
+  python experiments/benchmark_search.py --methods=pcdarts,darts --batch_sizes=64,256
+
+Each (method, batch size) runs in its own process, so its peak memory is its own. A
+setting builds the paper's CIFAR-10 search config (configs/pcdarts_cifar.py or
+configs/darts_cifar.py: C=16, 8 cells, 32x32x3) at the given batch size, compiles the
+jitted search step (arch update + weight update, arch updates switched on), runs it on
+synthetic batches and reports:
+
+  images_per_s   (arch batch + weight batch) / median step time
+  peak_bytes     peak resident memory of the process on CPU; peak device memory on GPU
+  xla_temp_bytes / xla_argument_bytes   XLA's compiled memory analysis
+  flops_per_step XLA's cost analysis of the compiled step; achieved FLOP/s and, where the
+                 device peak is known (--peak_flops or the table below), the fraction of it
+  compile_s      lowering + XLA compilation, persistent cache off
+
+A table is printed and the records are written as JSON (the path is printed).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {'pcdarts': 'configs/pcdarts_cifar.py', 'darts': 'configs/darts_cifar.py'}
+# Dense float32 peaks (FLOP/s) of accelerators, for the fraction-of-peak column.
+PEAK_FP32 = {'H100': 67e12, 'H200': 67e12, 'A100': 19.5e12, 'V100': 15.7e12}
+
+
+def run_setting(method: str, batch_size: int, steps: int, peak_flops: float) -> dict:
+  """Measures one setting in this process; returns its record."""
+  import importlib.util
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jaxnas import search
+
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(REPO, CONFIGS[method]))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.optim.batch_size = batch_size
+  config.optim.arch_warmup_epochs = 0  # time the full bilevel step
+  shape = (32, 32, 3)
+
+  model = search.build_model(config, 10)
+  steps_per_epoch = 50000 // 2 // batch_size
+  weight_tx, arch_tx = search.make_optimizers(config, steps_per_epoch)
+  state = search.create_state(model, shape, weight_tx, arch_tx, seed=0)
+  rng = np.random.default_rng(0)
+
+  def batch():
+    return {'image': jnp.asarray(rng.normal(size=(batch_size,) + shape), jnp.float32),
+            'label': jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+
+  train, val = batch(), batch()
+  step = search.make_search_step(model, weight_tx, arch_tx, config, steps_per_epoch)
+  t0 = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, train, val).compile()
+  compile_s = time.perf_counter() - t0
+
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+  state, _ = compiled(state, train, val)  # warm-up
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, train, val)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t)
+  step_s = float(np.median(times))
+
+  device = jax.devices()[0]
+  if device.platform == 'gpu':
+    stats = device.memory_stats() or {}
+    peak_bytes = int(stats.get('peak_bytes_in_use', 0))
+    peak_kind = 'device'
+    peak = peak_flops or next((v for k, v in PEAK_FP32.items() if k in device.device_kind), 0)
+  else:
+    peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_kind = 'process RSS'
+    peak = peak_flops
+  achieved = flops / step_s
+  return {
+      'method': method, 'batch_size': batch_size, 'C': config.model.C,
+      'layers': config.model.layers, 'k': config.model.k,
+      'images_per_s': 2 * batch_size / step_s, 'step_s': step_s, 'step_times_s': times,
+      'peak_bytes': peak_bytes, 'peak_kind': peak_kind,
+      'xla_temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
+      'xla_argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
+      'flops_per_step': flops, 'achieved_flops_per_s': achieved,
+      'fraction_of_peak': achieved / peak if peak else None,
+      'compile_s': compile_s, 'backend': device.platform, 'device': device.device_kind,
+      'devices': jax.device_count(), 'host': platform.node(), 'cpus': os.cpu_count(),
+      'loss_finite': bool(np.isfinite(float(metrics['train_loss']))),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--methods', default='pcdarts,darts')
+  parser.add_argument('--batch_sizes', default='64')
+  parser.add_argument('--steps', type=int, default=3, help='timed steps after a warm-up')
+  parser.add_argument('--peak_flops', type=float, default=0.0,
+                      help='device peak FLOP/s for the fraction-of-peak column')
+  parser.add_argument('--out', default=os.path.join(REPO, 'results', 'benchmark_search.json'))
+  parser.add_argument('--child', default='', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args.child:
+    method, batch_size = args.child.split(':')
+    record = run_setting(method, int(batch_size), args.steps, args.peak_flops)
+    print('RECORD ' + json.dumps(record), flush=True)
+    return
+
+  records = []
+  for method in args.methods.split(','):
+    if method not in CONFIGS:
+      sys.exit(f'--methods: unknown method {method!r}; choose from {sorted(CONFIGS)}.')
+    for batch_size in (int(b) for b in args.batch_sizes.split(',')):
+      print(f'== {method} batch {batch_size} ...', flush=True)
+      env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='')
+      out = subprocess.run(
+          [sys.executable, __file__, f'--child={method}:{batch_size}', f'--steps={args.steps}',
+           f'--peak_flops={args.peak_flops}'], capture_output=True, text=True, env=env)
+      lines = [l for l in out.stdout.splitlines() if l.startswith('RECORD ')]
+      if out.returncode or not lines:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+        print(f'   failed (exit {out.returncode}): {" / ".join(tail)}', flush=True)
+        records.append({'method': method, 'batch_size': batch_size, 'error': tail})
+        continue
+      records.append(json.loads(lines[-1][len('RECORD '):]))
+
+  header = (f'{"method":8} {"batch":>5} {"compile s":>9} {"step s":>7} {"img/s":>7} '
+            f'{"peak GB":>8} {"xla temp GB":>11} {"GFLOP/step":>10} {"GFLOP/s":>8} '
+            f'{"of peak":>7}')
+  print(header)
+  for r in records:
+    if 'error' in r:
+      print(f'{r["method"]:8} {r["batch_size"]:>5} failed')
+      continue
+    frac = f'{100 * r["fraction_of_peak"]:.1f}%' if r['fraction_of_peak'] else 'n/a'
+    temp = r['xla_temp_bytes'] / 1e9 if r['xla_temp_bytes'] is not None else float('nan')
+    print(f'{r["method"]:8} {r["batch_size"]:>5} {r["compile_s"]:>9.1f} {r["step_s"]:>7.2f} '
+          f'{r["images_per_s"]:>7.1f} {r["peak_bytes"] / 1e9:>8.2f} {temp:>11.2f} '
+          f'{r["flops_per_step"] / 1e9:>10.1f} {r["achieved_flops_per_s"] / 1e9:>8.1f} '
+          f'{frac:>7}')
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump(records, f, indent=2)
+  print(f'Wrote {args.out}')
+
+
+if __name__ == '__main__':
+  main()
