@@ -23,8 +23,5 @@ def get_config(arg=None):
   config.optim.learning_rate_min = 0.001
   config.optim.arch_learning_rate = 3e-4
   config.optim.arch_warmup_epochs = 0
-  if arg == 'smoke':
-    base_config.smoke(config)
-  elif arg:
-    raise ValueError(f'Unknown variant {arg!r} of darts_cifar; known: smoke.')
+  base_config.apply_variant(config, arg, 'darts_cifar')
   return config

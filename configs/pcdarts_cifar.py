@@ -18,8 +18,5 @@ from jaxnas import base_config
 
 def get_config(arg=None):
   config = base_config.search_config()
-  if arg == 'smoke':
-    base_config.smoke(config)
-  elif arg:
-    raise ValueError(f'Unknown variant {arg!r} of pcdarts_cifar; known: smoke.')
+  base_config.apply_variant(config, arg, 'pcdarts_cifar')
   return config

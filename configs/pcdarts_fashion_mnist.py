@@ -32,8 +32,5 @@ def get_config(arg=None):
   config.optim.arch_warmup_epochs = 1
   config.log_every_steps = 50
   config.eval_max_examples = 5000
-  if arg == 'smoke':
-    base_config.smoke(config)
-  elif arg:
-    raise ValueError(f'Unknown variant {arg!r} of pcdarts_fashion_mnist; known: smoke.')
+  base_config.apply_variant(config, arg, 'pcdarts_fashion_mnist')
   return config

@@ -30,9 +30,7 @@ def get_config(arg=None):
   config.optim.arch_grad_clip = 5.0
   config.optim.arch_warmup_epochs = 35
   config.eval_batch_size = 256
+  base_config.apply_variant(config, arg, 'pcdarts_imagenet')
   if arg == 'smoke':
-    base_config.smoke(config)
     config.data.image_size = 64
-  elif arg:
-    raise ValueError(f'Unknown variant {arg!r} of pcdarts_imagenet; known: smoke.')
   return config

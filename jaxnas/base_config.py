@@ -84,3 +84,15 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
   return c
+
+
+VARIANTS = {'smoke': smoke}
+
+
+def apply_variant(c: ml_collections.ConfigDict, arg, config_name: str):
+  """Applies the variant named after the config path's colon (``configs/x.py:smoke``)."""
+  if not arg:
+    return c
+  if arg not in VARIANTS:
+    raise ValueError(f'Unknown variant {arg!r} of {config_name}; known: {", ".join(VARIANTS)}.')
+  return VARIANTS[arg](c)

@@ -9,7 +9,6 @@ import math
 from typing import Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
