@@ -8,8 +8,9 @@ train images for the weights / the architecture, a stem of three stride-2 convs
   python -m jaxnas.main --config=configs/pcdarts_imagenet.py --workdir=/tmp/pcdarts_imagenet
 
 Needs ImageNet (imagenet2012) prepared with TFDS. Paper: 11.5 h on 8 V100s (3.8 GPU-days);
-the found cell: 24.2 / 7.3 % top-1 / top-5 error. ``configs/pcdarts_imagenet.py:smoke``
-checks the setup on CPU.
+the found cell: 24.2 / 7.3 % top-1 / top-5 error. Not run with jaxnas yet (no ImageNet or
+accelerator where jaxnas was measured). ``configs/pcdarts_imagenet.py:smoke`` (64x64
+images) checks a setup end to end on CPU.
 """
 
 from jaxnas import base_config
