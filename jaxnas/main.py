@@ -22,6 +22,11 @@ USER_ERRORS = (search.ConfigError, search.NonFiniteLossError, data.DatasetNotFou
                data.DataFileError, genotypes.GenotypeError, checkpoint.WorkdirError)
 
 
+def _lines(error: Exception) -> list[str]:
+  """The non-empty lines of an error's message (at least one)."""
+  return [line.strip() for line in str(error).splitlines() if line.strip()] or [repr(error)]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -30,9 +35,7 @@ def main(argv):
     config = _CONFIG.value
     config.get('method')  # config_flags defers a file's load error to the first use
   except (OSError, ValueError, AttributeError) as e:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    print(f'jaxnas: error: cannot load the --config file ({lines[-1] if lines else e}).',
-          file=sys.stderr)
+    print(f'jaxnas: error: cannot load the --config file ({_lines(e)[-1]}).', file=sys.stderr)
     sys.exit(1)
   try:
     search.run_search(config, _WORKDIR.value)
@@ -46,7 +49,7 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    lines = _lines(e)  # config-file errors carry a traceback text: keep its first and last line
     text = lines[0] if len(lines) < 2 else f'{lines[0]} {lines[-1]}'
     print(f'jaxnas: error: {text}', file=sys.stderr)
     sys.exit(1)

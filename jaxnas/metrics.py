@@ -27,6 +27,12 @@ class MetricWriter:
       for k, v in scalars.items():
         self._tb.add_scalar(f'{kind}/{k}', v, step)
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   def close(self):
     self._jsonl.close()
     if self._tb is not None:

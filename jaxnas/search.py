@@ -232,9 +232,14 @@ def make_phase_steps(model, weight_tx, arch_tx, config, steps_per_epoch):
   return arch_step, weight_step
 
 
+def arch_start_step(config, steps_per_epoch: int) -> int:
+  """The first step whose arch phase runs (after ``arch_warmup_epochs``)."""
+  return config.optim.arch_warmup_epochs * steps_per_epoch
+
+
 def make_search_step(model, weight_tx, arch_tx, config, steps_per_epoch):
   """The jitted bilevel step: arch update on the val batch, then weight update."""
-  arch_start = config.optim.arch_warmup_epochs * steps_per_epoch
+  arch_start = arch_start_step(config, steps_per_epoch)
   arch_step, weight_step = make_phase_steps(model, weight_tx, arch_tx, config, steps_per_epoch)
 
   def skip_arch(state, train_batch, val_batch, keys):
@@ -383,23 +388,21 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   print(f'Compiled the search step in {compile_s:.1f} s and the eval step in '
         f'{eval_compile_s:.1f} s (setup {time.perf_counter() - t_start:.1f} s).', flush=True)
 
-  writer = metrics_lib.MetricWriter(workdir)
-  writer.write(start_step, {'compile_s': compile_s, 'eval_compile_s': eval_compile_s},
-               kind='compile')
-  arch_start = o.arch_warmup_epochs * steps_per_epoch
+  arch_start = arch_start_step(config, steps_per_epoch)
   progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step)
   images = 0  # processed by this run: a weight batch per step, plus an arch batch after warm-up
   derive = functools.partial(darts.derive_genotype, steps=config.model.steps,
                              primitives=tuple(config.model.primitives))
-  genotype = derive(arch_arrays(state))
   summary = {}
 
   # --- loop
   epoch_sums, epoch_t0 = {}, time.perf_counter()
-  with batches.iterate(start_step, total_steps - start_step) as stream:
+  with metrics_lib.MetricWriter(workdir) as writer, \
+       batches.iterate(start_step, total_steps - start_step) as stream:
+    writer.write(start_step, {'compile_s': compile_s, 'eval_compile_s': eval_compile_s},
+                 kind='compile')
     for step in range(start_step + 1, total_steps + 1):
       if stop_at_step is not None and step > stop_at_step:
-        writer.close()
         return {'stopped_at_step': step - 1}
       train_batch, val_batch = next(stream)
       state, metrics = step_fn(state, train_batch, val_batch)
@@ -407,7 +410,6 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
       images += o.batch_size * (2 if step > arch_start else 1)
       if not np.isfinite(metrics['train_loss']) or (
           step > arch_start and not np.isfinite(metrics['val_loss'])):
-        writer.close()
         raise NonFiniteLossError(
             f'The loss became {metrics["train_loss"]} (arch batch {metrics["val_loss"]}) at '
             f'step {step}; stopped without saving, so the last checkpoint in {workdir} is the '
@@ -444,7 +446,6 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
         epoch_sums, epoch_t0 = {}, time.perf_counter()
       if epoch_end or step % config.checkpoint_every_steps == 0:
         if not bool(all_finite(state)):  # never overwrite a good checkpoint with a bad one
-          writer.close()
           raise NonFiniteLossError(
               f'The weights or arch params became NaN/inf at step {step}; stopped without '
               f'saving, so the last checkpoint in {workdir} is the last good state.')
@@ -459,7 +460,6 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   write_genotype_outputs(workdir, genotype, arch, **result)
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump({**result, 'genotype': genotypes.to_json(genotype)}, f, indent=2)
-  writer.close()
   print(f'Search done: genotype written to {os.path.join(workdir, genotypes.GENOTYPE_FILE)}, '
         f'cells pictured in {os.path.join(workdir, "cells.svg")}.\n   '
         f'{genotypes.format_genotype(genotype)}', flush=True)
