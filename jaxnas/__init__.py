@@ -15,3 +15,10 @@ def _tune_cpu_compilation():
 _tune_cpu_compilation()
 
 __version__ = '0.1.0'
+
+
+def load_model(path: str, which: str = 'best'):
+  """A trained model as a function from images to logits: ``jaxnas.load_model(workdir)``
+  (see jaxnas.export.load_model)."""
+  from jaxnas import export  # pylint: disable=g-import-not-at-top
+  return export.load_model(path, which)

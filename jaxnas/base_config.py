@@ -65,6 +65,30 @@ def search_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 500
   c.eval_max_examples = 0          # 0: evaluate on the whole held-out arch split
   c.compilation_cache_dir = '~/.cache/jaxnas/xla'  # '' disables the persistent cache
+  c.parallel = parallel_config()
+  return c
+
+
+def parallel_config() -> ml_collections.ConfigDict:
+  """Data parallelism: the global batch optim.batch_size is split over the devices."""
+  p = ml_collections.ConfigDict()
+  p.num_devices = 0        # 0: all devices (of all hosts)
+  p.batch_norm = 'sync'    # 'sync': statistics over the global batch (as on one
+                           # device) | 'per_device': per device, as PyTorch DataParallel
+  p.multi_host = False     # True: jax.distributed.initialize() before the run
+  return p
+
+
+def _few_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Two epochs of three steps of 16 images on a few hundred examples (smoke runs)."""
+  c.optim.batch_size = 16
+  c.optim.epochs = 2
+  c.optim.steps_per_epoch = 3
+  c.data.max_examples = 256
+  c.eval_max_examples = 64
+  c.eval_batch_size = 64
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
   return c
 
 
@@ -74,16 +98,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.layers = 3
   c.model.steps = 2
   c.model.multiplier = 2
-  c.optim.batch_size = 16
-  c.optim.epochs = 2
-  c.optim.steps_per_epoch = 3
   c.optim.arch_warmup_epochs = 1
-  c.data.max_examples = 256
-  c.eval_max_examples = 64
-  c.eval_batch_size = 64
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 2
-  return c
+  return _few_steps(c)
 
 
 VARIANTS = {'smoke': smoke}
@@ -93,6 +109,75 @@ def apply_variant(c: ml_collections.ConfigDict, arg, config_name: str):
   """Applies the variant named after the config path's colon (``configs/x.py:smoke``)."""
   if not arg:
     return c
-  if arg not in VARIANTS:
-    raise ValueError(f'Unknown variant {arg!r} of {config_name}; known: {", ".join(VARIANTS)}.')
-  return VARIANTS[arg](c)
+  variants = TRAIN_VARIANTS if c.method == 'train' else VARIANTS
+  if arg not in variants:
+    raise ValueError(f'Unknown variant {arg!r} of {config_name}; known: {", ".join(variants)}.')
+  return variants[arg](c)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Training a genotype from scratch with the DARTS / PC-DARTS CIFAR-10 evaluation
+  settings; configs/eval_*.py change what differs."""
+  c = ml_collections.ConfigDict()
+  c.method = 'train'
+  c.space = 'darts'
+  # A published name (PC_DARTS_cifar, PC_DARTS_image, DARTS_V2), a genotype.json file or
+  # a search workdir (its genotype.json).
+  c.genotype = 'PC_DARTS_cifar'
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'cifar10'
+  c.data.source = 'auto'
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)
+  c.data.image_size = ml_collections.config_dict.placeholder(int)
+  c.data.max_examples = ml_collections.config_dict.placeholder(int)  # first N train images
+  c.data.augment = True
+  c.data.crop_padding = 4
+  c.data.cutout = 16          # side of the cutout square; 0 switches it off
+
+  c.model = ml_collections.ConfigDict()
+  c.model.C = 36
+  c.model.layers = 20
+  c.model.stem = 'cifar'      # 'cifar' | 'imagenet' (three stride-2 convs)
+  c.model.stem_multiplier = 3
+  c.model.auxiliary = True
+  c.model.auxiliary_weight = 0.4
+  c.model.drop_path = 0.3     # ramped linearly from 0 over the epochs
+  c.model.depthwise_impl = 'auto'
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.batch_size = 96
+  c.optim.epochs = 600
+  c.optim.schedule = 'cosine'  # 'cosine' (to learning_rate_min) | 'linear' (PC-DARTS ImageNet)
+  c.optim.learning_rate = 0.025
+  c.optim.learning_rate_min = 0.0
+  c.optim.warmup_epochs = 0
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 3e-4
+  c.optim.grad_clip = 5.0
+  c.optim.label_smoothing = 0.0
+  c.optim.steps_per_epoch = 0  # 0: a full pass over the training images
+
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.checkpoints_to_keep = 2
+  c.eval_batch_size = 500
+  c.eval_max_examples = 0      # 0: the whole test split
+  c.compilation_cache_dir = '~/.cache/jaxnas/xla'
+  c.parallel = parallel_config()  # batch_norm: 'sync' only (per-device BN is search-only)
+  return c
+
+
+def train_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few steps of a small network of a published cell, for checking a setup."""
+  c.genotype = 'PC_DARTS_cifar'
+  c.model.C = 8
+  c.model.layers = 5
+  return _few_steps(c)
+
+
+TRAIN_VARIANTS = {'smoke': train_smoke}

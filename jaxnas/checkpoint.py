@@ -12,9 +12,11 @@ CONFIG_FILE = 'config.json'
 class WorkdirError(ValueError):
   """The workdir holds something a run cannot continue from."""
 
-# Fields that may change between a run and its resumption without changing the search.
+# Fields that may change between a run and its resumption without changing the search
+# ('section.field' for nested ones): a search may resume on another device count.
 _RESUMABLE_FIELDS = ('log_every_steps', 'checkpoint_every_steps', 'checkpoints_to_keep',
-                     'compilation_cache_dir', 'eval_batch_size')
+                     'compilation_cache_dir', 'eval_batch_size', 'parallel.num_devices',
+                     'parallel.multi_host')
 
 
 def manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
@@ -28,17 +30,25 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
   mngr.save(step, args=ocp.args.StandardSave(state))
 
 
-def restore_latest(mngr: ocp.CheckpointManager, state):
-  """(restored state, True) from the latest checkpoint, or (state, False) if none."""
+def restore_latest(mngr: ocp.CheckpointManager, state, sharding=None):
+  """(restored state, True) from the latest checkpoint, or (state, False) if none.
+
+  Each array is restored with ``sharding`` if given, else with the sharding of the
+  matching leaf of ``state``: the current mesh's layout, whatever the device count of
+  the run that wrote the checkpoint.
+  """
   step = mngr.latest_step()
   if step is None:
     return state, False
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=x.sharding if sharding is None else sharding), state)
   return mngr.restore(step, args=ocp.args.StandardRestore(abstract)), True
 
 
-def _comparable(config_dict: dict) -> dict:
-  return {k: v for k, v in config_dict.items() if k not in _RESUMABLE_FIELDS}
+def _comparable(config_dict: dict, prefix: str = '') -> dict:
+  return {k: _comparable(v, f'{prefix}{k}.') if isinstance(v, dict) else v
+          for k, v in config_dict.items() if f'{prefix}{k}' not in _RESUMABLE_FIELDS}
 
 
 def check_workdir_config(workdir: str, config) -> None:

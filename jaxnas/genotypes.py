@@ -337,11 +337,36 @@ def load(spec) -> Genotype:
     return _read_json_file(path)
   looks_like_path = (os.path.exists(spec) or spec.endswith('.json')
                      or os.sep in spec or (os.altsep and os.altsep in spec))
+  if looks_like_path and not spec.endswith('.json') and not os.path.exists(spec):
+    raise GenotypeError(
+        f'{spec}: no such search workdir or genotype file; run the search first, or name '
+        f'a .json file or a published genotype ({", ".join(PUBLISHED)}).')
   if looks_like_path:
     return _read_json_file(spec)
   raise GenotypeError(
       f'{spec!r} is not a published genotype ({", ".join(PUBLISHED)}) nor an '
       f'existing .json file or search workdir.')
+
+
+def random_genotype(rng, steps: int = 4, primitives=PRIMITIVES) -> Genotype:
+  """A genotype drawn uniformly from the DARTS space (the random-search baseline): each
+  node reads two distinct earlier states, each through an op drawn from the non-'none'
+  primitives; normal and reduction cells independently.
+
+  Args:
+    rng: a `numpy.random.Generator` (its seed makes the draw reproducible).
+  """
+  ops = [p for p in primitives if p != 'none']
+
+  def cell():
+    edges = []
+    for node in range(steps):
+      for source in sorted(rng.choice(node + 2, size=2, replace=False)):
+        edges.append((ops[int(rng.integers(len(ops)))], int(source)))
+    return edges
+
+  concat = list(range(2, steps + 2))
+  return validate(Genotype(cell(), concat, cell(), concat), steps=steps)
 
 
 # ----------------------------------------------------------------------------

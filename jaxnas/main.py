@@ -1,5 +1,12 @@
-"""Runs a jaxnas config: ``python -m jaxnas.main --config=configs/x.py --workdir=DIR``."""
+"""Runs a jaxnas config: ``python -m jaxnas.main --config=configs/x.py --workdir=DIR``.
 
+A search config (method 'pcdarts' or 'darts') runs a search; an evaluation config
+(method 'train') trains a genotype from scratch. ``--dry_run`` builds the model from the
+config alone, prints its summary (parameters, multiply-adds, genotype), writes it to
+``DIR/summary.json`` and exits.
+"""
+
+import os
 import sys
 
 from absl import app
@@ -11,15 +18,35 @@ from jaxnas import checkpoint
 from jaxnas import data
 from jaxnas import genotypes
 from jaxnas import search
+from jaxnas import summary as summary_lib
+from jaxnas import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and results.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print and write the model summary, then exit.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # Errors a user can fix: one line, no traceback.
 USER_ERRORS = (search.ConfigError, search.NonFiniteLossError, data.DatasetNotFoundError,
-               data.DataFileError, genotypes.GenotypeError, checkpoint.WorkdirError)
+               data.DataFileError, genotypes.GenotypeError, checkpoint.WorkdirError,
+               summary_lib.UnknownDatasetError)
+
+
+def dry_run(config, workdir: str) -> dict:
+  """The model summary of ``config``, printed and written to ``workdir/summary.json``."""
+  if config.method == 'train':
+    summary = train.model_summary(config, train.validate_config(config))
+  else:
+    search.validate_config(config)
+    summary = summary_lib.supernet_summary(config, search.build_model)
+  print(summary_lib.format_summary(summary))
+  if summary_lib.holds_result(workdir):
+    print(f'Left {os.path.join(workdir, summary_lib.SUMMARY_FILE)} as it is: it holds the '
+          "result of a run in this workdir.")
+  else:
+    print(f'Wrote {summary_lib.write_summary(workdir, {"model": summary})}.')
+  return summary
 
 
 def _lines(error: Exception) -> list[str]:
@@ -38,7 +65,12 @@ def main(argv):
     print(f'jaxnas: error: cannot load the --config file ({_lines(e)[-1]}).', file=sys.stderr)
     sys.exit(1)
   try:
-    search.run_search(config, _WORKDIR.value)
+    if _DRY_RUN.value:
+      dry_run(config, _WORKDIR.value)
+    elif config.method == 'train':
+      train.run_train(config, _WORKDIR.value)
+    else:
+      search.run_search(config, _WORKDIR.value)
   except USER_ERRORS as e:
     print(f'jaxnas: error: {e}', file=sys.stderr)
     sys.exit(1)

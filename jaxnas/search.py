@@ -25,7 +25,9 @@ from jaxnas import checkpoint as ckpt_lib
 from jaxnas import data as data_lib
 from jaxnas import genotypes
 from jaxnas import metrics as metrics_lib
+from jaxnas import parallel
 from jaxnas import partial_channels
+from jaxnas import summary as summary_lib
 from jaxnas import visualize
 from jaxnas.spaces import darts
 
@@ -98,21 +100,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('optim.arch_warmup_epochs', 'and optim.warmup_epochs must be >= 0.')
   if o.learning_rate <= 0 or o.arch_learning_rate < 0:
     fail('optim.learning_rate', 'must be positive (and optim.arch_learning_rate >= 0).')
-  devices = jax.device_count()
+  p = config.parallel
+  if p.batch_norm not in parallel.BATCH_NORM_MODES:
+    fail('parallel.batch_norm',
+         f'is {p.batch_norm!r}; choose one of {parallel.BATCH_NORM_MODES}.')
+  available = jax.device_count()
+  if not 0 <= p.num_devices <= available:
+    fail('parallel.num_devices', f'= {p.num_devices} must lie in [0, {available}] (0: all '
+         f'{available} devices).')
+  if p.num_devices and p.num_devices != available and jax.process_count() > 1:
+    fail('parallel.num_devices', f'= {p.num_devices} must be 0 (all devices) on several hosts.')
+  devices = parallel.num_devices_in_use(p.num_devices)
   if o.batch_size % devices:
-    fail('optim.batch_size', f'= {o.batch_size} must be divisible by the {devices} devices.')
+    fail('optim.batch_size', f'= {o.batch_size} must be divisible by the {devices} devices '
+         'in use (parallel.num_devices).')
 
 
 # ----------------------------------------------------------------------------- model
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                num_devices: int = 1) -> nn.Module:
+  """The supernet; ``num_devices`` is the mesh size, used by per-device BatchNorm."""
   m = config.model
+  per_device = config.parallel.batch_norm == 'per_device'
   return darts.SEARCH_SPACES[config.space](
       num_classes=num_classes, C=m.C, layers=m.layers, steps=m.steps, multiplier=m.multiplier,
       stem_multiplier=m.stem_multiplier, stem=m.stem, k=m.k, sampling=m.channel_sampling,
       edge_normalization=m.edge_normalization, primitives=tuple(m.primitives),
-      impl=m.depthwise_impl, remat=m.remat)
+      impl=m.depthwise_impl, remat=m.remat, bn_groups=num_devices if per_device else 1)
 
 
 def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -146,14 +162,15 @@ def make_optimizers(config, steps_per_epoch):
   return weight_tx, arch_tx
 
 
-def create_state(model, input_shape, weight_tx, arch_tx, seed: int) -> SearchState:
+def create_state(model, input_shape, weight_tx, arch_tx, seed: int,
+                 mesh: jax.sharding.Mesh | None = None) -> SearchState:
+  """The initial state, a pure function of ``seed``; replicated over ``mesh`` if given."""
   init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
   # Initialize from an 'rbg' key: its random bits lower to one op per parameter, so this
   # compiles in a fraction of the time of threefry; it is still a pure function of seed.
   rbg = jax.random.key(jax.random.randint(init_key, (), 0, 2**31 - 1), impl='rbg')
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
 
-  @jax.jit
   def init(rbg_key):
     variables = model.init({'params': rbg_key, 'channels': rbg_key}, x, train=True)
     params, arch = variables['params'], variables['arch']
@@ -163,7 +180,9 @@ def create_state(model, input_shape, weight_tx, arch_tx, seed: int) -> SearchSta
         weight_opt_state=weight_tx.init(params), arch_opt_state=arch_tx.init(arch),
         key=run_key)
 
-  return init(rbg)
+  # Created in place on every device of the mesh (no host round trip).
+  shardings = {'out_shardings': parallel.replicated(mesh)} if mesh else {}
+  return jax.jit(init, **shardings)(rbg)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -276,10 +295,27 @@ def make_eval_step(model):
   return eval_step
 
 
-def evaluate(eval_step, state, dataset, indices, batch_size):
+def jit_search_step(step, mesh: jax.sharding.Mesh):
+  """``step(state, train_batch, val_batch)`` jitted for ``mesh``: the state replicated
+  and donated, the batches split over the ``data`` axis (a global batch, so BN
+  statistics and gradients are those of the whole batch)."""
+  rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(rep, rows, rows), out_shardings=(rep, rep),
+                 donate_argnums=0)
+
+
+def jit_eval_step(eval_step, mesh: jax.sharding.Mesh):
+  """``eval_step(state, batch)`` jitted for ``mesh``; its sums come back replicated."""
+  rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(eval_step, in_shardings=(rep, rows), out_shardings=rep)
+
+
+def evaluate(eval_step, state, dataset, indices, batch_size, mesh: jax.sharding.Mesh):
+  """Masked loss and accuracy over ``indices``; ``batch_size`` must divide by the mesh."""
   totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
-  for batch in data_lib.eval_batches(dataset, indices, batch_size):
-    out = jax.device_get(eval_step(state, batch))
+  for batch in data_lib.eval_batches(dataset, indices, batch_size, jax.process_index(),
+                                     jax.process_count()):
+    out = jax.device_get(eval_step(state, parallel.shard_batch(batch, mesh)))
     for k in totals:
       totals[k] += float(out[k])
   n = max(totals['count'], 1.0)
@@ -310,14 +346,14 @@ def setup_compilation_cache(path: str) -> None:
 
 
 @jax.jit
-def all_finite(state: SearchState) -> jax.Array:
-  leaves = jax.tree.leaves((state.params, state.arch))
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+def all_finite(tree) -> jax.Array:
+  """True if every leaf of ``tree`` is free of NaN and inf."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _compile(fn, *args, **kwargs):
+def _compile(jitted, *args):
   t0 = time.perf_counter()
-  compiled = jax.jit(fn, **kwargs).lower(*args).compile()
+  compiled = jitted.lower(*args).compile()
   return compiled, time.perf_counter() - t0
 
 
@@ -331,6 +367,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   ``stop_at_step`` ends the run after that step, as if it were interrupted there (the
   next call resumes from the last checkpoint); for notebooks and tests.
   """
+  parallel.maybe_initialize_distributed(config)  # before anything touches the devices
   # --- checks: every user error surfaces here, before data loading or compilation.
   validate_config(config)
   try:
@@ -341,35 +378,44 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError(str(e)) from e
   os.makedirs(workdir, exist_ok=True)
   ckpt_lib.check_workdir_config(workdir, config)
+  model_summary = summary_lib.supernet_summary(config, build_model)
+  summary_lib.write_summary(workdir, {'model': model_summary})
+  print(summary_lib.format_summary(model_summary), flush=True)
   setup_compilation_cache(config.compilation_cache_dir)
   o = config.optim
 
-  # --- data
+  # --- data: each process reads its rows of every global batch; the mesh splits them.
   t_start = time.perf_counter()
+  mesh = parallel.make_mesh(config.parallel.num_devices)
   dataset = data_lib.load_dataset(config.data, split='train')
   weight_idx, arch_idx = data_lib.search_split(
       dataset, config.data.train_portion, seed=config.seed,
       per_class_fractions=config.data.per_class_fractions)
   batches = data_lib.SearchBatches(dataset, weight_idx, arch_idx, o.batch_size, config.seed,
                                    augment=config.data.augment,
-                                   crop_padding=config.data.crop_padding)
+                                   crop_padding=config.data.crop_padding,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
   steps_per_epoch = batches.steps_per_epoch
   if o.steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, o.steps_per_epoch)
   total_steps = o.epochs * steps_per_epoch
   eval_idx = arch_idx[:config.eval_max_examples] if config.eval_max_examples else arch_idx
+  # Masked padding rows make every eval batch split evenly over the devices.
+  eval_batch_size = parallel.padded_batch_size(config.eval_batch_size, mesh.size)
   logging.info('data: %d weight / %d arch examples of %s, %d steps/epoch', len(weight_idx),
                len(arch_idx), dataset.name, steps_per_epoch)
 
   # --- model and state
-  model = build_model(config, dataset.num_classes)
+  model = build_model(config, dataset.num_classes, mesh.size)
   weight_tx, arch_tx = make_optimizers(config, steps_per_epoch)
-  state = create_state(model, dataset.image_shape, weight_tx, arch_tx, config.seed)
+  state = create_state(model, dataset.image_shape, weight_tx, arch_tx, config.seed, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('supernet: %.3fM weights, arch params %s', n_params / 1e6,
                {k: v.shape for k, v in state.arch.items()})
 
-  # --- checkpoint: resume where the last run stopped.
+  # --- checkpoint: resume where the last run stopped (on any device count: restored
+  # onto this run's mesh).
   manager = ckpt_lib.manager(workdir, config.checkpoints_to_keep)
   state, resumed = ckpt_lib.restore_latest(manager, state)
   start_step = int(state.step)
@@ -378,15 +424,17 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   ckpt_lib.write_config(workdir, config)
 
   # --- compile (reported; a persistent cache hit makes this fast)
-  train0, val0 = batches.batch(0)
+  train0, val0 = (parallel.shard_batch(b, mesh) for b in batches.batch(0))
   step_fn, compile_s = _compile(
-      make_search_step(model, weight_tx, arch_tx, config, steps_per_epoch), state, train0,
-      val0, donate_argnums=0)
-  eval_fn, eval_compile_s = _compile(
-      make_eval_step(model), state,
-      next(iter(data_lib.eval_batches(dataset, eval_idx[:1], config.eval_batch_size))))
+      jit_search_step(make_search_step(model, weight_tx, arch_tx, config, steps_per_epoch),
+                      mesh), state, train0, val0)
+  eval0 = next(iter(data_lib.eval_batches(dataset, eval_idx[:1], eval_batch_size,
+                                          jax.process_index(), jax.process_count())))
+  eval_fn, eval_compile_s = _compile(jit_eval_step(make_eval_step(model), mesh), state,
+                                     parallel.shard_batch(eval0, mesh))
   print(f'Compiled the search step in {compile_s:.1f} s and the eval step in '
-        f'{eval_compile_s:.1f} s (setup {time.perf_counter() - t_start:.1f} s).', flush=True)
+        f'{eval_compile_s:.1f} s for {mesh.size} device(s) (setup '
+        f'{time.perf_counter() - t_start:.1f} s).', flush=True)
 
   arch_start = arch_start_step(config, steps_per_epoch)
   progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step)
@@ -404,7 +452,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
     for step in range(start_step + 1, total_steps + 1):
       if stop_at_step is not None and step > stop_at_step:
         return {'stopped_at_step': step - 1}
-      train_batch, val_batch = next(stream)
+      train_batch, val_batch = (parallel.shard_batch(b, mesh) for b in next(stream))
       state, metrics = step_fn(state, train_batch, val_batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       images += o.batch_size * (2 if step > arch_start else 1)
@@ -428,7 +476,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
         epoch = step // steps_per_epoch
         arch = arch_arrays(state)
         genotype = derive(arch)
-        held_out = evaluate(eval_fn, state, dataset, eval_idx, config.eval_batch_size)
+        held_out = evaluate(eval_fn, state, dataset, eval_idx, eval_batch_size, mesh)
         epoch_time = time.perf_counter() - epoch_t0
         means = {k: float(np.mean(v)) for k, v in epoch_sums.items()}
         summary = {'epoch': epoch, 'step': step, 'train_loss': means['train_loss'],
@@ -445,7 +493,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
               f'{genotypes.format_genotype(genotype)}', flush=True)
         epoch_sums, epoch_t0 = {}, time.perf_counter()
       if epoch_end or step % config.checkpoint_every_steps == 0:
-        if not bool(all_finite(state)):  # never overwrite a good checkpoint with a bad one
+        # Never overwrite a good checkpoint with a bad one.
+        if not bool(all_finite((state.params, state.arch))):
           raise NonFiniteLossError(
               f'The weights or arch params became NaN/inf at step {step}; stopped without '
               f'saving, so the last checkpoint in {workdir} is the last good state.')
@@ -458,8 +507,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
             'compile_s': compile_s, 'wall_s': time.perf_counter() - t_start,
             'degenerate': genotypes.is_degenerate(genotype), **summary}
   write_genotype_outputs(workdir, genotype, arch, **result)
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump({**result, 'genotype': genotypes.to_json(genotype)}, f, indent=2)
+  summary_lib.write_summary(workdir, {'model': model_summary, 'result': {
+      **result, 'genotype': genotypes.to_json(genotype)}})
   print(f'Search done: genotype written to {os.path.join(workdir, genotypes.GENOTYPE_FILE)}, '
         f'cells pictured in {os.path.join(workdir, "cells.svg")}.\n   '
         f'{genotypes.format_genotype(genotype)}', flush=True)

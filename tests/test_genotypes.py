@@ -286,3 +286,9 @@ def test_format_genotype():
   # A non-default concat is shown, the default one is not.
   s = genotypes.format_genotype(genotypes.DARTS_V2._replace(reduce_concat=[4, 5]))
   assert s.endswith('concat=[4, 5]') and s.count('concat') == 1
+
+
+def test_load_missing_workdir_says_to_run_the_search(tmp_path):
+  with pytest.raises(GenotypeError, match='no such search workdir') as e:
+    genotypes.load(str(tmp_path / 'runs' / 'fmnist'))
+  assert 'run the search first' in str(e.value) and 'DARTS_V2' in str(e.value)

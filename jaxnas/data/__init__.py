@@ -1,10 +1,12 @@
 """Data pipeline: datasets by name, the search split, and host-side batches."""
 
+from jaxnas.data.batches import cutout
 from jaxnas.data.batches import eval_batches
 from jaxnas.data.batches import normalize
 from jaxnas.data.batches import pad_crop_flip
 from jaxnas.data.batches import Prefetcher
 from jaxnas.data.batches import SearchBatches
+from jaxnas.data.batches import TrainBatches
 from jaxnas.data.datasets import check_dataset
 from jaxnas.data.datasets import DATASETS
 from jaxnas.data.datasets import Dataset
@@ -26,7 +28,9 @@ __all__ = [
     'Prefetcher',
     'SearchBatches',
     'TfdsDataset',
+    'TrainBatches',
     'check_dataset',
+    'cutout',
     'eval_batches',
     'load_dataset',
     'normalize',

@@ -44,6 +44,51 @@ def pad_crop_flip(images, offsets, flips, padding):
   return np.where(flips[:, None, None, None], images[:, :, ::-1], images)
 
 
+def cutout(images, centers, length):
+  """Zeroes a length x length square (clipped at the borders) around each center.
+
+  Applied to normalized images, as the reference's Cutout (DeVries & Taylor 2017), so
+  the square holds the dataset mean.
+
+  Args:
+    images: float [n, H, W, C].
+    centers: int [n, 2], each square's center (row, column) in [0, H) x [0, W).
+    length: the square's side.
+  """
+  _, h, w, _ = images.shape
+  top = np.clip(centers[:, 0] - length // 2, 0, h)[:, None]
+  bottom = np.clip(centers[:, 0] + length // 2, 0, h)[:, None]
+  left = np.clip(centers[:, 1] - length // 2, 0, w)[:, None]
+  right = np.clip(centers[:, 1] + length // 2, 0, w)[:, None]
+  rows, cols = np.arange(h)[None], np.arange(w)[None]
+  in_rows = (rows >= top) & (rows < bottom)  # [n, H]
+  in_cols = (cols >= left) & (cols < right)  # [n, W]
+  square = in_rows[:, :, None] & in_cols[:, None, :]
+  return np.where(square[..., None], np.zeros((), images.dtype), images)
+
+
+def augmented_batch(dataset, indices, rng_entropy, *, batch_size, lo, hi, augment,
+                    crop_padding, cutout_length=0):
+  """This process's rows [lo, hi) of the global batch `indices`, normalized.
+
+  The random crop, flip and cutout are drawn for the whole global batch from
+  `rng_entropy` and then sliced, so every process agrees on them.
+  """
+  images, labels = dataset.get(indices[lo:hi])
+  rng = np.random.default_rng(rng_entropy)
+  if augment:
+    padding = (crop_padding if dataset.augmentation == 'pad_crop_flip' else 0)
+    offsets = rng.integers(0, 2 * padding + 1, size=(batch_size, 2))
+    flips = rng.random(batch_size) < 0.5
+    images = pad_crop_flip(images, offsets[lo:hi], flips[lo:hi], padding)
+  images = normalize(images, dataset.mean, dataset.std)
+  if cutout_length:
+    h, w = images.shape[1:3]
+    centers = np.stack([rng.integers(0, h, batch_size), rng.integers(0, w, batch_size)], 1)
+    images = cutout(images, centers[lo:hi], cutout_length)
+  return {'image': images, 'label': labels.astype(np.int32)}
+
+
 def _process_defaults(process_index, process_count):
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -68,7 +113,53 @@ def _local_batch_size(batch_size, process_count):
   return batch_size // process_count
 
 
-class SearchBatches:
+class _StepBatches:
+  """What both batchers share: the seed, this process's slice of the global batch, and
+  prefetched iteration over `batch(step)`."""
+
+  def __init__(self, dataset, batch_size, seed, augment, crop_padding, process_index,
+               process_count):
+    self.dataset = dataset
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+      raise ValueError(f'config field seed must be a non-negative integer, '
+                       f'not {seed!r}.')
+    self.seed = int(seed)
+    self.augment = bool(augment)
+    self.crop_padding = int(crop_padding)
+    self.process_index, self.process_count = _process_defaults(
+        process_index, process_count)
+    self.local_batch_size = _local_batch_size(batch_size, self.process_count)
+    self.batch_size = int(batch_size)
+
+  def _make(self, indices, rng_entropy, cutout_length=0):
+    lo = self.process_index * self.local_batch_size
+    return augmented_batch(self.dataset, indices, rng_entropy, batch_size=self.batch_size,
+                           lo=lo, hi=lo + self.local_batch_size, augment=self.augment,
+                           crop_padding=self.crop_padding, cutout_length=cutout_length)
+
+  def batch(self, step):
+    raise NotImplementedError
+
+  def iterate(self, start_step=0, num_steps=None, prefetch=2):
+    """Iterates over `batch(s)` for s = start_step, ... in a background thread.
+
+    Args:
+      start_step: the first step (a resumed run passes its restored step).
+      num_steps: how many batches; None for no end.
+      prefetch: how many batches the thread prepares ahead.
+
+    Returns:
+      A `Prefetcher`; call `close()` (or use it in a `with`) to stop early.
+    """
+    def steps():
+      step = start_step
+      while num_steps is None or step < start_step + num_steps:
+        yield self.batch(step)
+        step += 1
+    return Prefetcher(steps(), prefetch)
+
+
+class SearchBatches(_StepBatches):
   """Paired batches for bilevel search: weights on one split, alphas on another.
 
   `batch(step)` returns (train_batch, val_batch): the train batch comes from
@@ -82,19 +173,10 @@ class SearchBatches:
 
   def __init__(self, dataset, weight_idx, arch_idx, batch_size, seed, augment,
                crop_padding=4, process_index=None, process_count=None):
-    self.dataset = dataset
+    super().__init__(dataset, batch_size, seed, augment, crop_padding, process_index,
+                     process_count)
     self.weight_idx = np.asarray(weight_idx, np.int64)
     self.arch_idx = np.asarray(arch_idx, np.int64)
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-      raise ValueError(f'config field seed must be a non-negative integer, '
-                       f'not {seed!r}.')
-    self.seed = int(seed)
-    self.augment = bool(augment)
-    self.crop_padding = int(crop_padding)
-    self.process_index, self.process_count = _process_defaults(
-        process_index, process_count)
-    self.local_batch_size = _local_batch_size(batch_size, self.process_count)
-    self.batch_size = int(batch_size)
     self.steps_per_epoch = (min(len(self.weight_idx), len(self.arch_idx))
                             // self.batch_size)
     if self.steps_per_epoch == 0:
@@ -125,44 +207,50 @@ class SearchBatches:
     return (self.weight_idx[weight_order[rows]],
             self.arch_idx[arch_order[rows]])
 
-  def _make(self, indices, rng_entropy):
-    lo = self.process_index * self.local_batch_size
-    hi = lo + self.local_batch_size
-    images, labels = self.dataset.get(indices[lo:hi])
-    if self.augment:
-      # Drawn for the global batch, then sliced, so processes agree.
-      rng = np.random.default_rng(rng_entropy)
-      padding = (self.crop_padding
-                 if self.dataset.augmentation == 'pad_crop_flip' else 0)
-      offsets = rng.integers(0, 2 * padding + 1, size=(self.batch_size, 2))
-      flips = rng.random(self.batch_size) < 0.5
-      images = pad_crop_flip(images, offsets[lo:hi], flips[lo:hi], padding)
-    return {'image': normalize(images, self.dataset.mean, self.dataset.std),
-            'label': labels.astype(np.int32)}
-
   def batch(self, step):
     """(train_batch, val_batch) of `step`; see the class docstring."""
     train_idx, val_idx = self.indices(step)
     return (self._make(train_idx, [self.seed, int(step), 2]),
             self._make(val_idx, [self.seed, int(step), 3]))
 
-  def iterate(self, start_step=0, num_steps=None, prefetch=2):
-    """Iterates over `batch(s)` for s = start_step, ... in a background thread.
 
-    Args:
-      start_step: the first step (a resumed run passes its restored step).
-      num_steps: how many batches; None for no end.
-      prefetch: how many batches the thread prepares ahead.
+class TrainBatches(_StepBatches):
+  """Batches of one split for training a network from scratch.
 
-    Returns:
-      A `Prefetcher`; call `close()` (or use it in a `with`) to stop early.
-    """
-    def steps():
-      step = start_step
-      while num_steps is None or step < start_step + num_steps:
-        yield self.batch(step)
-        step += 1
-    return Prefetcher(steps(), prefetch)
+  `batch(step)` is {'image', 'label'} of this process's share of the global batch at
+  `step`: a fresh permutation of `indices` per epoch (stream [seed, epoch, 4]), then crop
+  + flip and cutout drawn from [seed, step, 5]. An epoch is len(indices) // batch_size
+  steps (remainder dropped), so every step has the full batch.
+  """
+
+  def __init__(self, dataset, indices, batch_size, seed, augment, crop_padding=4,
+               cutout_length=0, process_index=None, process_count=None):
+    super().__init__(dataset, batch_size, seed, augment, crop_padding, process_index,
+                     process_count)
+    self.indices = np.asarray(indices, np.int64)
+    self.cutout_length = int(cutout_length)
+    self.steps_per_epoch = len(self.indices) // self.batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(
+          f'config field batch_size={batch_size} is larger than the '
+          f'{len(self.indices)} training examples, so an epoch has no steps; '
+          'lower batch_size or use more examples.')
+    self._order_cache = (None, None)
+
+  def _epoch_order(self, epoch):
+    cached_epoch, order = self._order_cache
+    if cached_epoch != epoch:
+      order = np.random.default_rng([self.seed, epoch, 4]).permutation(len(self.indices))
+      self._order_cache = (epoch, order)
+    return order
+
+  def batch(self, step):
+    if step < 0:
+      raise ValueError(f'step must be non-negative, not {step}.')
+    epoch, position = divmod(int(step), self.steps_per_epoch)
+    rows = slice(position * self.batch_size, (position + 1) * self.batch_size)
+    indices = self.indices[self._epoch_order(epoch)[rows]]
+    return self._make(indices, [self.seed, int(step), 5], self.cutout_length)
 
 
 class Prefetcher:

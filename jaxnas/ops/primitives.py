@@ -29,19 +29,27 @@ class BatchNorm(nn.Module):
   Written out rather than ``nn.BatchNorm`` because a supernet holds hundreds of them and
   this form lowers to fewer HLO ops; ``feature_ndim=2`` normalizes a stack of
   independent BNs (..., groups, channels) in one go.
+
+  ``batch_groups`` > 1 computes the training statistics per slice of B / batch_groups
+  rows: per device, as PyTorch DataParallel does (sharded over the ``data`` axis, each
+  slice is one device's rows). The running statistics take the mean over the slices.
   """
   train: bool
   affine: bool = False
   feature_ndim: int = 1
   momentum: float = 0.1
   epsilon: float = 1e-5
+  batch_groups: int = 1
 
   @nn.compact
   def __call__(self, x):
     feat = x.shape[x.ndim - self.feature_ndim:]
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, feat, jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, feat, jnp.float32)
-    if self.train:
+    # Init needs no statistics (it may run on a single example).
+    if self.train and self.batch_groups > 1 and not self.is_initializing():
+      y = self._per_group(x, ra_mean, ra_var)
+    elif self.train:
       axes = tuple(range(x.ndim - self.feature_ndim))
       n = x.size // math.prod(feat)
       mean = jnp.mean(x, axes)
@@ -50,17 +58,36 @@ class BatchNorm(nn.Module):
         m = self.momentum
         ra_mean.value = (1 - m) * ra_mean.value + m * mean
         ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+      y = (x - mean) * lax.rsqrt(var + self.epsilon)
     else:
       mean, var = ra_mean.value, ra_var.value
-    y = (x - mean) * lax.rsqrt(var + self.epsilon)
+      y = (x - mean) * lax.rsqrt(var + self.epsilon)
     if self.affine:
       y = y * self.param('scale', nn.initializers.ones, feat) + self.param(
           'bias', nn.initializers.zeros, feat)
     return y
 
+  def _per_group(self, x, ra_mean, ra_var):
+    g, b = self.batch_groups, x.shape[0]
+    if b % g:
+      raise ValueError(f'BatchNorm over {g} batch groups needs a batch divisible by {g}, '
+                       f'got {b}.')
+    # (B, ...) -> (g, B/g, ...): the slice axis leads, so on a mesh it is the sharded one.
+    xg = x.reshape((g, b // g) + x.shape[1:])
+    axes = tuple(range(1, xg.ndim - self.feature_ndim))
+    n = math.prod(xg.shape[a] for a in axes)
+    mean = jnp.mean(xg, axes, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(xg), axes, keepdims=True) - jnp.square(mean), 0.0)
+    m, feat = self.momentum, ra_mean.value.shape
+    ra_mean.value = (1 - m) * ra_mean.value + m * jnp.mean(mean, 0).reshape(feat)
+    ra_var.value = (1 - m) * ra_var.value + m * (
+        jnp.mean(var, 0).reshape(feat) * (n / max(n - 1, 1)))
+    return ((xg - mean) * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
 
-def batch_norm(train: bool, affine: bool, name: str | None = None) -> BatchNorm:
-  return BatchNorm(train, affine, name=name)
+
+def batch_norm(train: bool, affine: bool, name: str | None = None,
+               batch_groups: int = 1) -> BatchNorm:
+  return BatchNorm(train, affine, batch_groups=batch_groups, name=name)
 
 
 def pointwise(x, kernel):
@@ -103,11 +130,12 @@ class ReLUConvBN(nn.Module):
   """ReLU -> 1x1 conv -> BN, the cells' preprocessing."""
   features: int
   affine: bool = False
+  bn_groups: int = 1  # BatchNorm.batch_groups
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = Conv1x1(self.features)(nn.relu(x))
-    return batch_norm(train, self.affine)(x)
+    return batch_norm(train, self.affine, batch_groups=self.bn_groups)(x)
 
 
 class FactorizedReduce(nn.Module):
@@ -119,6 +147,7 @@ class FactorizedReduce(nn.Module):
   """
   features: int
   affine: bool = False
+  bn_groups: int = 1  # BatchNorm.batch_groups
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -128,7 +157,7 @@ class FactorizedReduce(nn.Module):
     shifted = jnp.pad(x[:, 1:, 1:, :], ((0, 0), (0, 1), (0, 1), (0, 0)))
     half = self.features // 2
     y = jnp.concatenate([Conv1x1(half, stride=2)(x), Conv1x1(half, stride=2)(shifted)], -1)
-    return batch_norm(train, self.affine)(y)
+    return batch_norm(train, self.affine, batch_groups=self.bn_groups)(y)
 
 
 def _pool_padding(x, window, stride, pad):
@@ -218,8 +247,10 @@ class DilConv(nn.Module):
 
 
 def make_op(name: str, features: int, stride: int, affine: bool,
-            impl: str = 'auto') -> nn.Module:
-  """Builds primitive ``name`` mapping ``features`` channels to ``features`` channels."""
+            impl: str = 'auto', module_name: str | None = None) -> nn.Module:
+  """Builds primitive ``name`` mapping ``features`` channels to ``features`` channels;
+  the module is named ``module_name`` (default: the primitive's name)."""
+  op_name, name = name, module_name or name
   builders: dict[str, Callable[[], nn.Module]] = {
       'none': lambda: Zero(stride, name=name),
       'max_pool_3x3': lambda: Pool('max', stride, affine, name=name),
@@ -231,6 +262,6 @@ def make_op(name: str, features: int, stride: int, affine: bool,
       'dil_conv_3x3': lambda: DilConv(features, 3, stride, 2, affine, impl, name=name),
       'dil_conv_5x5': lambda: DilConv(features, 5, stride, 2, affine, impl, name=name),
   }
-  if name not in builders:
-    raise ValueError(f'Unknown primitive {name!r}; known: {sorted(builders)}.')
-  return builders[name]()
+  if op_name not in builders:
+    raise ValueError(f'Unknown primitive {op_name!r}; known: {sorted(builders)}.')
+  return builders[op_name]()

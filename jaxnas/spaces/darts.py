@@ -58,6 +58,7 @@ class MixedOp(nn.Module):
   primitives: tuple[str, ...]
   train: bool
   impl: str = 'auto'
+  bn_groups: int = 1  # BatchNorm.batch_groups: per-device statistics when > 1
 
   @nn.compact
   def __call__(self, x, weights):
@@ -86,11 +87,13 @@ class MixedOp(nn.Module):
     pools = [p for p in self.primitives if p in POOL_OPS]
     if pools:
       y = jnp.stack([POOL_OPS[p](x, 3, s, 1) for p in pools], -2)
-      y = ops.BatchNorm(self.train, feature_ndim=2, name='pool_bn')(y)
+      y = ops.BatchNorm(self.train, feature_ndim=2, batch_groups=self.bn_groups,
+                        name='pool_bn')(y)
       out = out + jnp.einsum('...gc,g->...c', y, jnp.stack([weights[index[p]] for p in pools]))
 
     if 'skip_connect' in index:
-      skip = x if s == 1 else ops.FactorizedReduce(c, name='skip_connect')(x, self.train)
+      skip = x if s == 1 else ops.FactorizedReduce(c, bn_groups=self.bn_groups,
+                                                   name='skip_connect')(x, self.train)
       out = out + weights[index['skip_connect']] * skip
     unknown = set(self.primitives) - set(CONV_OPS) - set(POOL_OPS) - {'skip_connect', 'none'}
     if unknown:
@@ -107,7 +110,8 @@ class MixedOp(nn.Module):
     g, c = y.shape[-2:]
     kernel = self.param(pw_name, ops.torch_init_stacked, (g, c, c))
     y = ops.pointwise(y, kernel)
-    return ops.BatchNorm(self.train, feature_ndim=2, name=bn_name)(y)
+    return ops.BatchNorm(self.train, feature_ndim=2, batch_groups=self.bn_groups,
+                         name=bn_name)(y)
 
 
 class EdgeOutputs(NamedTuple):
@@ -126,6 +130,7 @@ class EdgeGroup(nn.Module):
   primitives: tuple[str, ...]
   train: bool
   impl: str = 'auto'
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, s, weights) -> EdgeOutputs:
@@ -149,7 +154,7 @@ class EdgeGroup(nn.Module):
         MixedOp, in_axes=(x_axis, 0), out_axes=0,
         variable_axes={'params': 0, 'batch_stats': 0}, split_rngs={'params': True},
         axis_size=self.num_edges)(c, self.stride, self.primitives, self.train, self.impl,
-                                  name='mixed')(x, weights)
+                                  self.bn_groups, name='mixed')(x, weights)
     return EdgeOutputs(mixed, bypass, channels)
 
 
@@ -165,15 +170,16 @@ class SearchCell(nn.Module):
   sampling: str = 'shuffle'
   primitives: tuple[str, ...] = PRIMITIVES
   impl: str = 'auto'
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, s0, s1, op_weights, edge_weights):
-    C = self.features
+    C, g = self.features, self.bn_groups
     if self.reduction_prev:
-      s0 = ops.FactorizedReduce(C, affine=False, name='preprocess0')(s0, self.train)
+      s0 = ops.FactorizedReduce(C, affine=False, bn_groups=g, name='preprocess0')(s0, self.train)
     else:
-      s0 = ops.ReLUConvBN(C, affine=False, name='preprocess0')(s0, self.train)
-    s1 = ops.ReLUConvBN(C, affine=False, name='preprocess1')(s1, self.train)
+      s0 = ops.ReLUConvBN(C, affine=False, bn_groups=g, name='preprocess0')(s0, self.train)
+    s1 = ops.ReLUConvBN(C, affine=False, bn_groups=g, name='preprocess1')(s1, self.train)
     states = [s0, s1]
     incoming: list[list[tuple[EdgeOutputs, int, int]]] = [[] for _ in range(self.steps)]
 
@@ -182,7 +188,7 @@ class SearchCell(nn.Module):
       rows = np.array([e for _, e in targets])
       stride = 2 if self.reduction and source < 2 else 1
       out = EdgeGroup(len(targets), C, stride, self.k, self.sampling, self.primitives,
-                      self.train, self.impl, name=f'edges_from_{source}')(
+                      self.train, self.impl, self.bn_groups, name=f'edges_from_{source}')(
                           states[source], op_weights[rows])
       for pos, (node, e) in enumerate(targets):
         incoming[node].append((out, pos, e))
@@ -217,7 +223,11 @@ class SearchCell(nn.Module):
 class SearchNetwork(nn.Module):
   """The DARTS supernet. Architecture parameters live in the ``arch`` collection:
   ``alphas_{normal,reduce}`` (14, num_ops) and, with edge normalization,
-  ``betas_{normal,reduce}`` (14,)."""
+  ``betas_{normal,reduce}`` (14,).
+
+  ``bn_groups`` > 1 gives every BatchNorm per-device statistics over that many equal
+  slices of the batch (``parallel.batch_norm = 'per_device'``); 1 is one BN over the
+  whole (global) batch."""
   num_classes: int
   C: int = 16
   layers: int = 8
@@ -231,6 +241,7 @@ class SearchNetwork(nn.Module):
   primitives: tuple[str, ...] = PRIMITIVES
   impl: str = 'auto'
   remat: bool = False
+  bn_groups: int = 1
 
   def arch_shapes(self) -> dict[str, tuple[int, ...]]:
     e = num_edges(self.steps)
@@ -262,8 +273,7 @@ class SearchNetwork(nn.Module):
       ).value
     weights = self.mixing_weights(arch)
 
-    x = self._stem(x, train)
-    s0, s1 = x if isinstance(x, tuple) else (x, x)
+    s0, s1 = stem_layers(x, train, self.stem, self.C, self.stem_multiplier, self.bn_groups)
     C_curr = self.C
     reduction_prev = self.stem == 'imagenet'
     cell_cls = nn.remat(SearchCell, static_argnums=()) if self.remat else SearchCell
@@ -272,33 +282,39 @@ class SearchNetwork(nn.Module):
       if reduction:
         C_curr *= 2
       cell = cell_cls(C_curr, reduction, reduction_prev, train, self.steps, self.multiplier,
-                      self.k, self.sampling, self.primitives, self.impl, name=f'cell_{i}')
+                      self.k, self.sampling, self.primitives, self.impl,
+                      bn_groups=self.bn_groups, name=f'cell_{i}')
       s0, s1 = s1, cell(s0, s1, *weights['reduce' if reduction else 'normal'])
       reduction_prev = reduction
     out = jnp.mean(s1, axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=ops.torch_init,
-                    bias_init=_torch_bias_init(out.shape[-1]), name='classifier')(out)
-
-  def _stem(self, x, train):
-    conv = lambda f, stride, name: nn.Conv(  # noqa: E731
-        f, (3, 3), (stride, stride), padding=1, use_bias=False, kernel_init=ops.torch_init,
-        name=name)
-    if self.stem == 'cifar':
-      x = conv(self.stem_multiplier * self.C, 1, 'stem_conv')(x)
-      return ops.batch_norm(train, affine=True, name='stem_bn')(x)
-    if self.stem == 'imagenet':
-      # Three stride-2 convs: 224 -> 28 before the first cell (PC-DARTS ImageNet search).
-      s0 = conv(self.C // 2, 2, 'stem0_conv0')(x)
-      s0 = nn.relu(ops.batch_norm(train, affine=True, name='stem0_bn0')(s0))
-      s0 = ops.batch_norm(train, affine=True, name='stem0_bn1')(
-          conv(self.C, 2, 'stem0_conv1')(s0))
-      s1 = ops.batch_norm(train, affine=True, name='stem1_bn')(
-          conv(self.C, 2, 'stem1_conv')(nn.relu(s0)))
-      return s0, s1
-    raise ValueError(f"Unknown stem {self.stem!r}; use 'cifar' or 'imagenet'.")
+                    bias_init=torch_bias_init(out.shape[-1]), name='classifier')(out)
 
 
-def _torch_bias_init(fan_in: int):
+def stem_layers(x, train: bool, kind: str, C: int, stem_multiplier: int = 3,
+                bn_groups: int = 1):
+  """The network stem, built inside the calling module; returns the first cell's two
+  inputs. 'cifar': a 3x3 conv to stem_multiplier*C + BN (both inputs). 'imagenet': three
+  stride-2 3x3 convs, 224 -> 28 (s0 after two, s1 after three)."""
+  conv = lambda f, stride, name: nn.Conv(  # noqa: E731
+      f, (3, 3), (stride, stride), padding=1, use_bias=False, kernel_init=ops.torch_init,
+      name=name)
+  bn = lambda name: ops.batch_norm(train, affine=True, name=name,  # noqa: E731
+                                   batch_groups=bn_groups)
+  if kind == 'cifar':
+    x = bn('stem_bn')(conv(stem_multiplier * C, 1, 'stem_conv')(x))
+    return x, x
+  if kind == 'imagenet':
+    s0 = conv(C // 2, 2, 'stem0_conv0')(x)
+    s0 = nn.relu(bn('stem0_bn0')(s0))
+    s0 = bn('stem0_bn1')(conv(C, 2, 'stem0_conv1')(s0))
+    s1 = bn('stem1_bn')(conv(C, 2, 'stem1_conv')(nn.relu(s0)))
+    return s0, s1
+  raise ValueError(f"Unknown stem {kind!r}; use 'cifar' or 'imagenet'.")
+
+
+def torch_bias_init(fan_in: int):
+  """PyTorch's default bias init of a linear layer: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / np.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
                                                                    bound)

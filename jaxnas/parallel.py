@@ -1,0 +1,79 @@
+"""Data parallelism over a 1-D device mesh: one code path for 1 to N devices.
+
+The step functions are ``jax.jit``-ed with ``NamedSharding``s: the state is replicated,
+each batch is one global array split over the mesh's ``data`` axis. XLA then inserts the
+cross-device reductions itself, so a BatchNorm over the global batch is synchronized BN
+and the gradients are those of the whole batch, as on one device.
+
+Multi-host: every process builds the same mesh over all devices, reads only its own rows
+of each global batch and hands them to ``shard_batch``; ``maybe_initialize_distributed``
+must run before anything touches the devices.
+"""
+
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+
+DATA_AXIS = 'data'
+BATCH_NORM_MODES = ('sync', 'per_device')
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Joins the multi-host job when ``config.parallel.multi_host`` is on.
+
+  Call it first: ``jax.distributed.initialize`` fails once a device has been used. The
+  coordinator address, process count and process id come from the cluster environment
+  that ``jax.distributed`` detects (SLURM, Open MPI, Kubernetes, Cloud TPU).
+  """
+  parallel = config.get('parallel')
+  if parallel is not None and parallel.get('multi_host', False):
+    if not jax.distributed.is_initialized():
+      jax.distributed.initialize()
+
+
+def num_devices_in_use(num_devices: int | None = None) -> int:
+  """The device count a mesh of ``num_devices`` spans (None or 0: all devices)."""
+  return num_devices or jax.device_count()
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh with axis ``data`` over the first ``num_devices`` devices (None/0: all)."""
+  devices = jax.devices()
+  n = num_devices_in_use(num_devices)
+  if not 0 < n <= len(devices):
+    raise ValueError(f'num_devices = {num_devices} must lie in [0, {len(devices)}] '
+                     f'(0 uses all {len(devices)} devices).')
+  return Mesh(np.array(devices[:n]), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (parameters, optimizer states, metrics)."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The leading (batch) axis is split over the ``data`` axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global arrays split over ``data``.
+
+  On one host the local rows are the whole batch; on several, the global batch is the
+  processes' rows concatenated in process order (as ``data.SearchBatches`` slices it).
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def replicate(tree, mesh: Mesh):
+  """Places every leaf of ``tree`` on all devices of ``mesh``."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def padded_batch_size(batch_size: int, num_devices: int) -> int:
+  """``batch_size`` rounded up to a multiple of ``num_devices`` (for masked eval batches)."""
+  return -(-batch_size // num_devices) * num_devices

@@ -1,0 +1,456 @@
+"""Training a found cell from scratch: the evaluation stage of DARTS and PC-DARTS.
+
+The network is the genotype's cell stacked L times (``spaces/darts_eval.py``), trained
+on the whole train split with SGD, an auxiliary head, drop path and cutout, and
+evaluated on the test split (top-1 / top-5) after every epoch. The workdir keeps the
+last checkpoints of the whole state (to resume) and two exported models, ``export/best``
+(highest test top-1, the reference's "best") and ``export/last``, which
+``jaxnas.load_model`` turns into a function from images to logits.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxnas import checkpoint as ckpt_lib
+from jaxnas import data as data_lib
+from jaxnas import export
+from jaxnas import flops
+from jaxnas import genotypes
+from jaxnas import metrics as metrics_lib
+from jaxnas import parallel
+from jaxnas import search
+from jaxnas import summary as summary_lib
+from jaxnas.spaces import darts_eval
+
+ConfigError = search.ConfigError
+NonFiniteLossError = search.NonFiniteLossError
+SCHEDULES = ('cosine', 'linear')
+SUMMARY_FILE = summary_lib.SUMMARY_FILE
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  key: jax.Array  # raw uint32[2] key: drop path is drawn from fold_in(key, step)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> genotypes.Genotype:
+  """Raises ConfigError naming the field (GenotypeError for a bad genotype) before any
+  data is read or code compiled; returns the genotype to train."""
+
+  def fail(field, msg):
+    raise ConfigError(f'config.{field} {msg}')
+
+  m, o = config.model, config.optim
+  for field, value in (('optim.epochs', o.epochs), ('optim.batch_size', o.batch_size),
+                       ('model.C', m.C), ('model.layers', m.layers),
+                       ('eval_batch_size', config.eval_batch_size),
+                       ('log_every_steps', config.log_every_steps),
+                       ('checkpoint_every_steps', config.checkpoint_every_steps)):
+    if int(value) <= 0:
+      fail(field, f'must be a positive integer, got {value}.')
+  if config.data.name not in data_lib.DATASETS:
+    fail('data.name', f'is {config.data.name!r}; choose one of {tuple(data_lib.DATASETS)}.')
+  if config.space != 'darts':
+    fail('space', f"is {config.space!r}; the evaluation networks exist for 'darts'.")
+  if m.C % 2:
+    fail('model.C', f'= {m.C} must be even (FactorizedReduce halves it).')
+  if m.layers < 3:
+    fail('model.layers', f'= {m.layers} must be at least 3 (two reduction cells + one).')
+  if m.stem not in ('cifar', 'imagenet'):
+    fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
+  if m.depthwise_impl not in ('auto', 'xla', 'shifted'):
+    fail('model.depthwise_impl', f"is {m.depthwise_impl!r}; choose 'auto', 'xla' or 'shifted'.")
+  if not 0 <= m.drop_path < 1:
+    fail('model.drop_path', f'must be in [0, 1), got {m.drop_path}.')
+  if m.auxiliary_weight < 0:
+    fail('model.auxiliary_weight', f'must be >= 0, got {m.auxiliary_weight}.')
+  if o.schedule not in SCHEDULES:
+    fail('optim.schedule', f'is {o.schedule!r}; choose one of {SCHEDULES}.')
+  if o.learning_rate <= 0 or o.learning_rate_min < 0:
+    fail('optim.learning_rate', 'must be positive (and optim.learning_rate_min >= 0).')
+  if o.warmup_epochs < 0 or o.steps_per_epoch < 0:
+    fail('optim.warmup_epochs', 'and optim.steps_per_epoch must be >= 0.')
+  if not 0 <= o.label_smoothing < 1:
+    fail('optim.label_smoothing', f'must be in [0, 1), got {o.label_smoothing}.')
+  if config.data.cutout < 0:
+    fail('data.cutout', f'must be >= 0 (0: off), got {config.data.cutout}.')
+  if m.auxiliary:
+    size = auxiliary_input_size(config)
+    if size < 5:
+      fail('model.auxiliary', f'needs maps of at least 5x5 after cell {2 * m.layers // 3}, '
+           f'but these images give {size}x{size}; use larger images or set it to False.')
+  p = config.parallel
+  if p.batch_norm != 'sync':
+    fail('parallel.batch_norm', f"is {p.batch_norm!r}; training supports 'sync' only.")
+  available = jax.device_count()
+  if not 0 <= p.num_devices <= available:
+    fail('parallel.num_devices', f'= {p.num_devices} must lie in [0, {available}] (0: all).')
+  devices = parallel.num_devices_in_use(p.num_devices)
+  if o.batch_size % devices:
+    fail('optim.batch_size', f'= {o.batch_size} must be divisible by the {devices} devices '
+         'in use (parallel.num_devices).')
+  if not isinstance(config.genotype, str) or not config.genotype:
+    fail('genotype', 'must name a published genotype '
+         f'({", ".join(genotypes.PUBLISHED)}), a genotype.json file or a search workdir.')
+  return genotypes.load(config.genotype)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def auxiliary_input_size(config) -> int:
+  """Side of the maps the auxiliary head reads: after the stem (stride 1 or 8) and the two
+  reduction cells (ceil halving)."""
+  (h, _, _), _ = summary_lib.input_spec(config)
+  if config.model.stem == 'imagenet':
+    for _ in range(3):
+      h = -(-h // 2)
+  for _ in range(2):
+    h = -(-h // 2)
+  return h
+
+
+def build_model(config, genotype, num_classes: int, impl: str | None = None):
+  return darts_eval.from_config(config.model, genotype, num_classes, impl)
+
+
+def model_summary(config, genotype) -> dict:
+  """Parameter counts (auxiliary head excluded and included) and multiply-adds of one
+  image, from the config alone: shapes are traced, nothing is run or compiled."""
+  shape, num_classes = summary_lib.input_spec(config)
+  x = jnp.zeros((1,) + shape, jnp.float32)
+  # The XLA depthwise conv shows up as a convolution in the trace, which is counted.
+  model = build_model(config, genotype, num_classes, impl='xla')
+  variables = jax.eval_shape(
+      lambda: model.init({'params': jax.random.key(0), 'drop_path': jax.random.key(0)}, x,
+                         train=True))
+  macs = flops.count_macs(lambda v, x: model.apply(v, x, train=False), variables, x)
+  return {
+      'method': config.method, 'genotype_source': config.genotype,
+      'genotype': genotypes.to_json(genotype), 'dataset': config.data.name,
+      'input_shape': list(shape), 'num_classes': num_classes,
+      'C': config.model.C, 'layers': config.model.layers,
+      'params': darts_eval.count_params(variables['params']),
+      'params_with_auxiliary': darts_eval.count_params(variables['params'], exclude=None),
+      'multiply_adds': macs,
+  }
+
+
+def lr_schedule(config, steps_per_epoch: int):
+  """Per-epoch learning rate, as the reference sets it at each epoch's start.
+
+  'cosine': cosine from learning_rate to learning_rate_min over the epochs (DARTS,
+  PC-DARTS CIFAR). 'linear': PC-DARTS ImageNet's linear decay to 0, with a gentler slope
+  over the last 5 epochs. Both are multiplied by (epoch + 1) / warmup_epochs during the
+  warm-up epochs.
+  """
+  o = config.optim
+  E = o.epochs
+
+  def schedule(count):
+    epoch = (count // steps_per_epoch).astype(jnp.float32)
+    if o.schedule == 'cosine':
+      lr = o.learning_rate_min + 0.5 * (o.learning_rate - o.learning_rate_min) * (
+          1 + jnp.cos(jnp.pi * epoch / E))
+    else:
+      body = max(E - 5, 1)
+      lr = jnp.where(E - epoch > 5, o.learning_rate * (body - epoch) / body,
+                     o.learning_rate * (E - epoch) / (body * 5))
+    if o.warmup_epochs:
+      lr = jnp.where(epoch < o.warmup_epochs, lr * (epoch + 1) / o.warmup_epochs, lr)
+    return lr
+
+  return schedule
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD with momentum; clipping, then coupled weight decay, as torch.optim.SGD after
+  clip_grad_norm_."""
+  o = config.optim
+  return optax.chain(
+      optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
+      optax.add_decayed_weights(o.weight_decay),
+      optax.sgd(lr_schedule(config, steps_per_epoch), momentum=o.momentum))
+
+
+def create_state(model, input_shape, tx, seed: int,
+                 mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
+  # An 'rbg' key compiles the initializers much faster on CPU (see search.create_state).
+  rbg = jax.random.key(jax.random.randint(init_key, (), 0, 2**31 - 1), impl='rbg')
+  x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+
+  def init(rbg_key):
+    variables = model.init({'params': rbg_key, 'drop_path': rbg_key}, x, train=True,
+                           drop_rate=0.0)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                      key=run_key)
+
+  shardings = {'out_shardings': parallel.replicated(mesh)} if mesh else {}
+  return jax.jit(init, **shardings)(rbg)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  if label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_train_step(model, tx, config, steps_per_epoch: int):
+  m, o = config.model, config.optim
+  schedule = lr_schedule(config, steps_per_epoch)
+
+  def step(state: TrainState, batch):
+    key = jax.random.fold_in(state.key, state.step)
+    epoch = state.step // steps_per_epoch
+    # DARTS ramps the drop-path rate linearly: rate * epoch / epochs.
+    drop_rate = m.drop_path * epoch / o.epochs if m.drop_path > 0 else None
+
+    def loss_fn(params):
+      (logits, aux_logits), updates = model.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+          drop_rate=drop_rate, rngs={'drop_path': key}, mutable=['batch_stats'])
+      loss = cross_entropy(logits, batch['label'], o.label_smoothing)
+      total = loss
+      if aux_logits is not None:
+        total = total + m.auxiliary_weight * cross_entropy(aux_logits, batch['label'],
+                                                           o.label_smoothing)
+      return total, (loss, logits, updates['batch_stats'])
+
+    (total, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    metrics = {'train_loss': loss, 'train_total_loss': total,
+               'train_acc': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+               'lr': schedule(state.step), 'grad_norm': optax.global_norm(grads),
+               'drop_rate': 0.0 if drop_rate is None else drop_rate}
+    return new_state, metrics
+
+  return step
+
+
+def topk_correct(logits, labels, k: int):
+  """Per example: is the label among the k largest logits."""
+  k = min(k, logits.shape[-1])
+  _, top = jax.lax.top_k(logits, k)
+  return jnp.any(top == labels[:, None], axis=-1)
+
+
+def make_eval_step(model):
+
+  def eval_step(params, batch_stats, batch):
+    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
+                            train=False)
+    mask = batch['mask']
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    return {'loss': jnp.sum(loss * mask),
+            'top1': jnp.sum(topk_correct(logits, batch['label'], 1) * mask),
+            'top5': jnp.sum(topk_correct(logits, batch['label'], 5) * mask),
+            'count': jnp.sum(mask)}
+
+  return eval_step
+
+
+def evaluate(eval_step, params, batch_stats, dataset, indices, batch_size,
+             mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Masked loss, top-1 and top-5 over ``indices``; batches are split over ``mesh``."""
+  totals = {'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0}
+  for batch in data_lib.eval_batches(dataset, indices, batch_size):
+    if mesh is not None:
+      batch = parallel.shard_batch(batch, mesh)
+    out = jax.device_get(eval_step(params, batch_stats, batch))
+    for k in totals:
+      totals[k] += float(out[k])
+  n = max(totals['count'], 1.0)
+  return {'loss': totals['loss'] / n, 'top1': totals['top1'] / n, 'top5': totals['top5'] / n,
+          'examples': int(totals['count'])}
+
+
+def _read_best(workdir: str) -> float:
+  """Test top-1 of the exported best model, -1 if there is none (a fresh run)."""
+  path = os.path.join(workdir, export.EXPORT_DIR, 'best', export.MODEL_FILE)
+  try:
+    with open(path) as f:
+      return float(json.load(f)['test_top1'])
+  except (OSError, ValueError, KeyError):
+    return -1.0
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def run_train(config: ml_collections.ConfigDict, workdir: str,
+              stop_at_step: int | None = None) -> dict:
+  """Trains (or resumes training) the configured genotype in ``workdir``; returns the
+  final summary. ``stop_at_step`` ends the run after that step, as an interruption."""
+  parallel.maybe_initialize_distributed(config)  # before anything touches the devices
+  # --- checks: every user error surfaces here, before data loading or compilation.
+  genotype = validate_config(config)
+  for split in ('train', 'test'):
+    try:
+      data_lib.check_dataset(config.data, split=split)
+    except (data_lib.DatasetNotFoundError, data_lib.DataFileError):
+      raise
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.check_workdir_config(workdir, config)
+  search.setup_compilation_cache(config.compilation_cache_dir)
+  o = config.optim
+  t_start = time.perf_counter()
+  summary = model_summary(config, genotype)
+  summary_lib.write_summary(workdir, {'model': summary})
+  print(summary_lib.format_summary(summary), flush=True)
+
+  # --- data: each process reads its rows of every global batch; the mesh splits them.
+  mesh = parallel.make_mesh(config.parallel.num_devices)
+  train_set = data_lib.load_dataset(config.data, split='train')
+  test_set = data_lib.load_dataset(config.data, split='test')
+  batches = data_lib.TrainBatches(
+      train_set, np.arange(len(train_set)), o.batch_size, config.seed,
+      augment=config.data.augment, crop_padding=config.data.crop_padding,
+      cutout_length=config.data.cutout, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  steps_per_epoch = batches.steps_per_epoch
+  if o.steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, o.steps_per_epoch)
+  total_steps = o.epochs * steps_per_epoch
+  test_idx = np.arange(len(test_set))
+  if config.eval_max_examples:
+    test_idx = test_idx[:config.eval_max_examples]
+  logging.info('data: %d train / %d test examples of %s, %d steps/epoch', len(train_set),
+               len(test_idx), train_set.name, steps_per_epoch)
+
+  # --- model and state
+  model = build_model(config, genotype, train_set.num_classes)
+  tx = make_optimizer(config, steps_per_epoch)
+  state = create_state(model, train_set.image_shape, tx, config.seed, mesh)
+
+  # --- checkpoint: resume where the last run stopped.
+  manager = ckpt_lib.manager(workdir, config.checkpoints_to_keep)
+  state, resumed = ckpt_lib.restore_latest(manager, state)
+  start_step = int(state.step)
+  if resumed:
+    print(f'Resuming from step {start_step} in {workdir}.', flush=True)
+  ckpt_lib.write_config(workdir, config)
+  best_top1 = _read_best(workdir) if resumed else -1.0
+  save_model = functools.partial(
+      export.save_model, genotype=genotype, config=config,
+      num_classes=train_set.num_classes, image_shape=train_set.image_shape,
+      mean=train_set.mean, std=train_set.std)
+
+  # --- compile (reported; a persistent cache hit makes this fast)
+  # The state is replicated, batches are split over the mesh's data axis (a global batch:
+  # BN statistics and gradients are those of the whole batch).
+  rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  t0 = time.perf_counter()
+  step_fn = jax.jit(make_train_step(model, tx, config, steps_per_epoch),
+                    in_shardings=(rep, rows), out_shardings=(rep, rep), donate_argnums=0
+                    ).lower(state, parallel.shard_batch(batches.batch(0), mesh)).compile()
+  compile_s = time.perf_counter() - t0
+  eval_fn = jax.jit(make_eval_step(model), in_shardings=(rep, rep, rows), out_shardings=rep)
+  eval_batch_size = parallel.padded_batch_size(config.eval_batch_size, mesh.size)
+  print(f'Compiled the training step in {compile_s:.1f} s for {mesh.size} device(s) (setup '
+        f'{time.perf_counter() - t_start:.1f} s).', flush=True)
+
+  progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step)
+  images = 0
+  epoch_result: dict = {}
+  epoch_sums, epoch_t0 = {}, time.perf_counter()
+
+  # --- loop
+  with metrics_lib.MetricWriter(workdir) as writer, \
+       batches.iterate(start_step, total_steps - start_step) as stream:
+    writer.write(start_step, {'compile_s': compile_s}, kind='compile')
+    for step in range(start_step + 1, total_steps + 1):
+      if stop_at_step is not None and step > stop_at_step:
+        return {'stopped_at_step': step - 1}
+      state, metrics = step_fn(state, parallel.shard_batch(next(stream), mesh))
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      images += o.batch_size
+      if not math.isfinite(metrics['train_total_loss']):
+        raise NonFiniteLossError(
+            f'The loss became {metrics["train_total_loss"]} at step {step}; stopped without '
+            f'saving, so the last checkpoint in {workdir} is the last good state. Lower '
+            'optim.learning_rate.')
+      for k, v in metrics.items():
+        epoch_sums.setdefault(k, []).append(v)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        rate = progress.images_per_s(images)
+        progress.line(step, metrics, rate)
+        writer.write(step, {**metrics, 'images_per_s': rate})
+
+      epoch_end = step % steps_per_epoch == 0
+      if epoch_end:
+        epoch = step // steps_per_epoch
+        test = evaluate(eval_fn, state.params, state.batch_stats, test_set, test_idx,
+                        eval_batch_size, mesh)
+        means = {k: float(np.mean(v)) for k, v in epoch_sums.items()}
+        epoch_result = {'epoch': epoch, 'step': step, 'train_loss': means['train_loss'],
+                        'train_acc': means['train_acc'], 'test_loss': test['loss'],
+                        'test_top1': test['top1'], 'test_top5': test['top5'],
+                        'test_examples': test['examples'],
+                        'epoch_time_s': time.perf_counter() - epoch_t0}
+        writer.write(step, {k: v for k, v in epoch_result.items() if k != 'step'},
+                     kind='epoch')
+        is_best = test['top1'] > best_top1
+        if is_best:
+          best_top1 = test['top1']
+          save_model(os.path.join(workdir, export.EXPORT_DIR, 'best'), state.params,
+                     state.batch_stats, **epoch_result)
+        print(f'== epoch {epoch}/{o.epochs}: train loss {means["train_loss"]:.4f} acc '
+              f'{100 * means["train_acc"]:.2f}% | test loss {test["loss"]:.4f} top-1 '
+              f'{100 * test["top1"]:.2f}% top-5 {100 * test["top5"]:.2f}%'
+              f'{" (best)" if is_best else ""} | '
+              f'{metrics_lib.format_seconds(epoch_result["epoch_time_s"])}', flush=True)
+        epoch_sums, epoch_t0 = {}, time.perf_counter()
+      if epoch_end or step % config.checkpoint_every_steps == 0:
+        if not bool(search.all_finite(state.params)):
+          raise NonFiniteLossError(
+              f'The weights became NaN/inf at step {step}; stopped without saving, so the '
+              f'last checkpoint in {workdir} is the last good state.')
+        ckpt_lib.save(manager, step, state)
+
+  manager.wait_until_finished()
+  if not epoch_result:  # resumed a finished run: score the final state again
+    test = evaluate(eval_fn, state.params, state.batch_stats, test_set, test_idx,
+                    eval_batch_size, mesh)
+    epoch_result = {'epoch': o.epochs, 'step': total_steps, 'test_loss': test['loss'],
+                    'test_top1': test['top1'], 'test_top5': test['top5'],
+                    'test_examples': test['examples']}
+  save_model(os.path.join(workdir, export.EXPORT_DIR, 'last'), state.params,
+             state.batch_stats, **epoch_result)
+  result = {**epoch_result, 'best_test_top1': best_top1, 'compile_s': compile_s,
+            'wall_s': time.perf_counter() - t_start}
+  summary_lib.write_summary(workdir, {'model': summary, 'result': result})
+  print(f'Training done: final test top-1 {100 * epoch_result["test_top1"]:.2f}% '
+        f'(best {100 * best_top1:.2f}%); models in {os.path.join(workdir, export.EXPORT_DIR)}'
+        f'/{{best,last}}, loaded by jaxnas.load_model({workdir!r}).', flush=True)
+  return {'model': summary, **result}

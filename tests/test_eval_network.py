@@ -1,0 +1,228 @@
+"""Evaluation networks: shapes, auxiliary head, drop path, cutout, parameter counts,
+multiply-adds, random genotypes and malformed genotypes."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import eval_cifar
+from configs import eval_imagenet
+from jaxnas import data
+from jaxnas import flops
+from jaxnas import genotypes
+from jaxnas import train
+from jaxnas.ops import primitives as ops
+from jaxnas.spaces import darts_eval
+
+RNGS = {'params': jax.random.key(0), 'drop_path': jax.random.key(1)}
+
+
+def network(name='PC_DARTS_cifar', **kwargs):
+  return darts_eval.EvalNetwork(darts_eval.freeze(genotypes.PUBLISHED[name]), **kwargs)
+
+
+@pytest.mark.parametrize('stem,size,classes', [('cifar', 32, 10), ('imagenet', 224, 1000)])
+def test_network_and_auxiliary_head_shapes(stem, size, classes):
+  model = network(num_classes=classes, C=4, layers=5, stem=stem)
+  x = jnp.zeros((2, size, size, 3))
+  variables = jax.eval_shape(lambda: model.init(RNGS, x, train=True, drop_rate=0.1))
+  logits, aux = jax.eval_shape(
+      lambda v: model.apply(v, x, train=True, drop_rate=0.1, rngs=RNGS,
+                            mutable=['batch_stats'])[0], variables)
+  chex.assert_shape(logits, (2, classes))
+  chex.assert_shape(aux, (2, classes))
+  logits, aux = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  chex.assert_shape(logits, (2, classes))
+  assert aux is None
+  # The head reads cell 2L//3 = 3 (8x8 for CIFAR, 7x7 for ImageNet); its 768-conv covers
+  # the whole 2x2 pooled map, as in both references.
+  head = variables['params']['auxiliary_head']
+  chex.assert_shape(head['Conv_0']['kernel'], (2, 2, 128, 768))
+  assert ('BatchNorm_1' in head) == (stem == 'cifar')
+  assert 'auxiliary_head' not in jax.eval_shape(
+      lambda: network(num_classes=classes, C=4, layers=5, stem=stem, auxiliary=False).init(
+          RNGS, x, train=True))['params']
+
+
+@pytest.mark.parametrize('kind,size', [('cifar', 8), ('imagenet', 7)])
+def test_auxiliary_head_alone(kind, size):
+  head = darts_eval.AuxiliaryHead(10, kind)
+  x = jnp.ones((3, size, size, 6))
+  variables = head.init(jax.random.key(0), x, train=True)
+  out, _ = head.apply(variables, x, train=True, mutable=['batch_stats'])
+  chex.assert_shape(out, (3, 10))
+
+
+def test_drop_path_zeroes_whole_samples_with_the_rate():
+  rate, n = 0.3, 20000
+  x = jax.random.uniform(jax.random.key(0), (n, 3, 3, 2), minval=0.5, maxval=1.0)
+  y = np.asarray(darts_eval.drop_path(x, jnp.float32(rate), jax.random.key(1)))
+  dropped = np.all(y == 0, axis=(1, 2, 3))
+  kept = np.all(np.isclose(y, np.asarray(x) / (1 - rate)), axis=(1, 2, 3))
+  assert np.all(dropped | kept)  # every sample entirely dropped or entirely kept
+  sigma = np.sqrt(rate * (1 - rate) / n)
+  assert abs(dropped.mean() - rate) < 4 * sigma
+  np.testing.assert_allclose(np.asarray(darts_eval.drop_path(x, jnp.float32(0.0),
+                                                             jax.random.key(2))), x)
+
+
+def _cell_outputs(op, drop_rate, train_mode, key=1):
+  edges = tuple((op, j) for j in (0, 1, 0, 1))  # 2 nodes
+  cell = darts_eval.EvalCell(edges, (2, 3), 4, reduction=False, reduction_prev=False)
+  s = jax.random.normal(jax.random.key(0), (64, 6, 6, 4))
+  variables = cell.init(RNGS, s, s, True, 0.5)
+  out = cell.apply(variables, s, s, train_mode, drop_rate,
+                   rngs={'drop_path': jax.random.key(key)}, mutable=['batch_stats'])[0]
+  return np.asarray(out)
+
+
+def test_drop_path_spares_identity_and_is_off_in_eval():
+  # skip_connect at stride 1 is the identity: drop path leaves it alone.
+  np.testing.assert_allclose(_cell_outputs('skip_connect', 0.9, True),
+                             _cell_outputs('skip_connect', None, True), rtol=1e-6)
+  # Any other op is dropped per sample during training ...
+  pooled = _cell_outputs('max_pool_3x3', 0.5, True)
+  assert not np.allclose(pooled, _cell_outputs('max_pool_3x3', None, True))
+  sample_zero = np.all(pooled[..., :4] == 0, axis=(1, 2, 3))
+  assert 0 < sample_zero.mean() < 0.6  # node 2 zero when both of its edges are dropped
+  # ... and never in evaluation mode.
+  np.testing.assert_allclose(_cell_outputs('max_pool_3x3', 0.5, False),
+                             _cell_outputs('max_pool_3x3', None, False), rtol=1e-6)
+
+
+def test_network_eval_ignores_drop_rate():
+  model = network(num_classes=10, C=4, layers=3)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = model.init(RNGS, x, train=True, drop_rate=0.0)
+  a, _ = model.apply(variables, x, train=False)
+  b, _ = model.apply(variables, x, train=False, drop_rate=0.9)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_cutout_zeroes_the_clipped_square():
+  images = np.ones((3, 10, 12, 2), np.float32)
+  centers = np.array([[5, 6], [0, 0], [9, 11]])
+  out = data.cutout(images, centers, 4)
+  zero = np.all(out == 0, axis=-1)
+  assert zero[0].sum() == 16 and np.all(zero[0, 3:7, 4:8])
+  assert zero[1].sum() == 4 and np.all(zero[1, 0:2, 0:2])  # clipped at the corner
+  assert zero[2].sum() == 9 and np.all(zero[2, 7:10, 9:12])  # rows 7..9, columns 9..11
+  np.testing.assert_array_equal(out[~zero], 1.0)
+
+
+def test_train_batches_apply_cutout_deterministically():
+  spec = data.DATASETS['fashion_mnist']
+  images = np.full((20, 28, 28, 1), 200, np.uint8)
+  ds = data.InMemoryDataset('fashion_mnist', 'train', spec, images, np.zeros(20, np.int32))
+  batches = data.TrainBatches(ds, np.arange(20), 4, seed=3, augment=False, cutout_length=8)
+  a, b = batches.batch(2), batches.batch(2)
+  np.testing.assert_array_equal(a['image'], b['image'])
+  zero = (a['image'] == 0).reshape(4, -1).sum(1)
+  assert np.all((zero > 0) & (zero <= 64))
+  assert batches.steps_per_epoch == 5
+
+
+@pytest.mark.parametrize('config_module,genotype,expected', [
+    (eval_cifar, 'PC_DARTS_cifar', 3.635e6),
+    (eval_cifar, 'DARTS_V2', 3.349e6),
+    (eval_imagenet, 'PC_DARTS_image', 5.342e6),
+])
+def test_published_parameter_counts(config_module, genotype, expected):
+  config = config_module.get_config()
+  config.genotype = genotype
+  summary = train.model_summary(config, train.validate_config(config))
+  assert abs(summary['params'] - expected) / expected < 0.002
+  assert summary['params_with_auxiliary'] > summary['params']
+  assert summary['multiply_adds'] > 4e8
+
+
+def test_count_macs_matches_hand_formula():
+  x = jnp.zeros((1, 8, 8, 3))
+  conv_w = jnp.zeros((3, 3, 3, 16))
+  dense_w = jnp.zeros((16, 10))
+  dw = jnp.zeros((5, 5, 1, 16))
+
+  def f(x):
+    y = jax.lax.conv_general_dilated(x, conv_w, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = jax.lax.conv_general_dilated(y, dw, (2, 2), 'SAME', feature_group_count=16,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jax.jit(lambda z: jnp.mean(z, (1, 2)) @ dense_w)(y)
+
+  expected = 8 * 8 * 16 * (3 * 9) + 4 * 4 * 16 * 25 + 16 * 10
+  assert flops.count_macs(f, x) == expected
+
+
+def test_random_genotypes_are_valid_reproducible_and_varied():
+  draws = [genotypes.random_genotype(np.random.default_rng(s)) for s in range(50)]
+  again = genotypes.random_genotype(np.random.default_rng(7))
+  assert again == draws[7]
+  ops_seen = set()
+  for g in draws:
+    assert genotypes.validate(g, steps=4) == g
+    for edges in (g.normal, g.reduce):
+      for node in range(4):
+        (_, a), (_, b) = edges[2 * node:2 * node + 2]
+        assert a != b  # two distinct inputs per node
+      ops_seen |= {op for op, _ in edges}
+  assert ops_seen == set(genotypes.PRIMITIVES[1:])
+  assert len({genotypes.format_genotype(g) for g in draws}) == 50
+
+
+@pytest.mark.parametrize('edit,message', [
+    (lambda d: d['normal'].__setitem__(0, ['conv_7x7', 0]), "unknown op 'conv_7x7'"),
+    (lambda d: d['normal'].__setitem__(0, ['sep_conv_3x3', 5]), 'may only read inputs 0..1'),
+    (lambda d: d['reduce'].pop(), 'has 7 edges'),
+])
+def test_malformed_genotype_file_is_a_clear_error(tmp_path, edit, message):
+  d = genotypes.to_json(genotypes.DARTS_V2)
+  edit(d)
+  path = tmp_path / 'bad.json'
+  path.write_text(json.dumps(d))
+  config = eval_cifar.get_config()
+  config.genotype = str(path)
+  with pytest.raises(genotypes.GenotypeError, match=message) as e:
+    train.validate_config(config)
+  assert str(path) in str(e.value) and '\n' not in str(e.value)
+
+
+def test_auxiliary_head_on_too_small_maps_is_a_config_error():
+  config = eval_imagenet.get_config()
+  config.data.image_size = 64
+  with pytest.raises(train.ConfigError, match=r'config\.model\.auxiliary needs maps of at least'):
+    train.validate_config(config)
+  config.model.auxiliary = False
+  train.validate_config(config)
+
+
+def test_unknown_genotype_name_is_a_clear_error():
+  config = eval_cifar.get_config()
+  config.genotype = 'PC_DARTS_cifra'
+  with pytest.raises(genotypes.GenotypeError, match='not a published genotype'):
+    train.validate_config(config)
+
+
+@pytest.mark.parametrize('schedule,epoch,expected', [
+    ('cosine', 0, 0.025), ('cosine', 300, 0.0125), ('cosine', 500, 0.025 * 0.5 * (
+        1 + np.cos(np.pi * 500 / 600))),
+    ('linear', 0, 0.5 / 5), ('linear', 4, 0.5 * (245 - 4) / 245),
+    ('linear', 100, 0.5 * 145 / 245), ('linear', 247, 0.5 * 3 / (245 * 5)),
+])
+def test_learning_rate_schedules(schedule, epoch, expected):
+  config = eval_imagenet.get_config() if schedule == 'linear' else eval_cifar.get_config()
+  lr = train.lr_schedule(config, steps_per_epoch=10)(jnp.int32(epoch * 10 + 3))
+  np.testing.assert_allclose(float(lr), expected, rtol=1e-5)
+
+
+def test_eval_primitives_have_affine_bn_and_no_pool_bn():
+  x = jnp.zeros((1, 8, 8, 4))
+  pool = jax.eval_shape(lambda: ops.make_op('avg_pool_3x3', 4, 1, affine=True).init(
+      jax.random.key(0), x, True))
+  assert not pool  # no BN after pools in the evaluation network
+  sep = jax.eval_shape(lambda: ops.make_op('sep_conv_3x3', 4, 1, affine=True).init(
+      jax.random.key(0), x, True))
+  assert 'scale' in sep['params']['BatchNorm_0']
