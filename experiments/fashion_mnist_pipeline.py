@@ -10,6 +10,10 @@ wall time, and the searched cell against the random cells' mean and spread.
 
 Every stage resumes: a finished search or training is read back, not run again. The
 table is printed and written to --out (JSON) and next to it as Markdown.
+
+Measured on a 2-core AMD EPYC VM (CPU), --num_random=3, with the search already done:
+six trainings of 4-12 min each, 38 min in all. Test top-1: searched 81.40 %, DARTS_V2
+85.08 %, PC_DARTS_cifar 85.25 %, random 85.32 +- 0.74 % (84.80, 86.17, 85.00).
 """
 
 import json
