@@ -1,12 +1,14 @@
 r"""Search-step throughput, memory, FLOPs and compile time of the DARTS / PC-DARTS supernets.
 
   python experiments/benchmark_search.py --methods=pcdarts,darts --batch_sizes=64,256
+  python experiments/benchmark_search.py --methods=pcdarts --batch_sizes=256 --remat=0,1
 
 Each (method, batch size) runs in its own process, so its peak memory is its own. A
 setting builds the paper's CIFAR-10 search config (configs/pcdarts_cifar.py or
 configs/darts_cifar.py: C=16, 8 cells, 32x32x3) at the given batch size, compiles the
-jitted search step (arch update + weight update, arch updates switched on), runs it on
-synthetic batches and reports:
+jitted search step (arch update + weight update, arch updates switched on) as a search
+runs it (state replicated, batches split over a mesh of all devices), runs it on synthetic
+batches and reports:
 
   images_per_s   (arch batch + weight batch) / median step time
   peak_bytes     peak resident memory of the process on CPU; peak device memory on GPU
@@ -33,12 +35,14 @@ CONFIGS = {'pcdarts': 'configs/pcdarts_cifar.py', 'darts': 'configs/darts_cifar.
 PEAK_FP32 = {'H100': 67e12, 'H200': 67e12, 'A100': 19.5e12, 'V100': 15.7e12}
 
 
-def run_setting(method: str, batch_size: int, steps: int, peak_flops: float) -> dict:
+def run_setting(method: str, batch_size: int, remat: bool, steps: int,
+                peak_flops: float) -> dict:
   """Measures one setting in this process; returns its record."""
   import importlib.util
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from jaxnas import parallel
   from jaxnas import search
 
   spec = importlib.util.spec_from_file_location('cfg', os.path.join(REPO, CONFIGS[method]))
@@ -47,22 +51,26 @@ def run_setting(method: str, batch_size: int, steps: int, peak_flops: float) -> 
   config = module.get_config()
   config.optim.batch_size = batch_size
   config.optim.arch_warmup_epochs = 0  # time the full bilevel step
+  config.model.remat = remat
   shape = (32, 32, 3)
 
-  model = search.build_model(config, 10)
+  mesh = parallel.make_mesh()
+  model = search.build_model(config, 10, mesh.size)
   steps_per_epoch = 50000 // 2 // batch_size
   weight_tx, arch_tx = search.make_optimizers(config, steps_per_epoch)
-  state = search.create_state(model, shape, weight_tx, arch_tx, seed=0)
+  state = search.create_state(model, shape, weight_tx, arch_tx, seed=0, mesh=mesh)
   rng = np.random.default_rng(0)
 
   def batch():
-    return {'image': jnp.asarray(rng.normal(size=(batch_size,) + shape), jnp.float32),
-            'label': jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+    return parallel.shard_batch(
+        {'image': rng.normal(size=(batch_size,) + shape).astype(np.float32),
+         'label': rng.integers(0, 10, batch_size).astype(np.int32)}, mesh)
 
   train, val = batch(), batch()
-  step = search.make_search_step(model, weight_tx, arch_tx, config, steps_per_epoch)
+  step = search.jit_search_step(
+      search.make_search_step(model, weight_tx, arch_tx, config, steps_per_epoch), mesh)
   t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=0).lower(state, train, val).compile()
+  compiled = step.lower(state, train, val).compile()
   compile_s = time.perf_counter() - t0
 
   memory = compiled.memory_analysis()
@@ -92,7 +100,7 @@ def run_setting(method: str, batch_size: int, steps: int, peak_flops: float) -> 
     peak = peak_flops
   achieved = flops / step_s
   return {
-      'method': method, 'batch_size': batch_size, 'C': config.model.C,
+      'method': method, 'batch_size': batch_size, 'remat': remat, 'C': config.model.C,
       'layers': config.model.layers, 'k': config.model.k,
       'images_per_s': 2 * batch_size / step_s, 'step_s': step_s, 'step_times_s': times,
       'peak_bytes': peak_bytes, 'peak_kind': peak_kind,
@@ -110,6 +118,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--methods', default='pcdarts,darts')
   parser.add_argument('--batch_sizes', default='64')
+  parser.add_argument('--remat', default='0',
+                      help='0, 1 or 0,1: rematerialize each cell in the backward pass')
   parser.add_argument('--steps', type=int, default=3, help='timed steps after a warm-up')
   parser.add_argument('--peak_flops', type=float, default=0.0,
                       help='device peak FLOP/s for the fraction-of-peak column')
@@ -118,8 +128,8 @@ def main():
   args = parser.parse_args()
 
   if args.child:
-    method, batch_size = args.child.split(':')
-    record = run_setting(method, int(batch_size), args.steps, args.peak_flops)
+    method, batch_size, remat = args.child.split(':')
+    record = run_setting(method, int(batch_size), remat == '1', args.steps, args.peak_flops)
     print('RECORD ' + json.dumps(record), flush=True)
     return
 
@@ -128,30 +138,33 @@ def main():
     if method not in CONFIGS:
       sys.exit(f'--methods: unknown method {method!r}; choose from {sorted(CONFIGS)}.')
     for batch_size in (int(b) for b in args.batch_sizes.split(',')):
-      print(f'== {method} batch {batch_size} ...', flush=True)
-      env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='')
-      out = subprocess.run(
-          [sys.executable, __file__, f'--child={method}:{batch_size}', f'--steps={args.steps}',
-           f'--peak_flops={args.peak_flops}'], capture_output=True, text=True, env=env)
-      lines = [l for l in out.stdout.splitlines() if l.startswith('RECORD ')]
-      if out.returncode or not lines:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        print(f'   failed (exit {out.returncode}): {" / ".join(tail)}', flush=True)
-        records.append({'method': method, 'batch_size': batch_size, 'error': tail})
-        continue
-      records.append(json.loads(lines[-1][len('RECORD '):]))
+      for remat in args.remat.split(','):
+        print(f'== {method} batch {batch_size} remat {remat} ...', flush=True)
+        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='')
+        out = subprocess.run(
+            [sys.executable, __file__, f'--child={method}:{batch_size}:{remat}',
+             f'--steps={args.steps}', f'--peak_flops={args.peak_flops}'],
+            capture_output=True, text=True, env=env)
+        lines = [l for l in out.stdout.splitlines() if l.startswith('RECORD ')]
+        if out.returncode or not lines:
+          tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+          print(f'   failed (exit {out.returncode}): {" / ".join(tail)}', flush=True)
+          records.append({'method': method, 'batch_size': batch_size, 'remat': remat == '1',
+                          'error': tail})
+          continue
+        records.append(json.loads(lines[-1][len('RECORD '):]))
 
-  header = (f'{"method":8} {"batch":>5} {"compile s":>9} {"step s":>7} {"img/s":>7} '
+  header = (f'{"method":8} {"batch":>5} {"remat":>5} {"compile s":>9} {"step s":>7} {"img/s":>7} '
             f'{"peak GB":>8} {"xla temp GB":>11} {"GFLOP/step":>10} {"GFLOP/s":>8} '
             f'{"of peak":>7}')
   print(header)
   for r in records:
     if 'error' in r:
-      print(f'{r["method"]:8} {r["batch_size"]:>5} failed')
+      print(f'{r["method"]:8} {r["batch_size"]:>5} {int(r["remat"]):>5} failed')
       continue
     frac = f'{100 * r["fraction_of_peak"]:.1f}%' if r['fraction_of_peak'] else 'n/a'
     temp = r['xla_temp_bytes'] / 1e9 if r['xla_temp_bytes'] is not None else float('nan')
-    print(f'{r["method"]:8} {r["batch_size"]:>5} {r["compile_s"]:>9.1f} {r["step_s"]:>7.2f} '
+    print(f'{r["method"]:8} {r["batch_size"]:>5} {int(r["remat"]):>5} {r["compile_s"]:>9.1f} {r["step_s"]:>7.2f} '
           f'{r["images_per_s"]:>7.1f} {r["peak_bytes"] / 1e9:>8.2f} {temp:>11.2f} '
           f'{r["flops_per_step"] / 1e9:>10.1f} {r["achieved_flops_per_s"] / 1e9:>8.1f} '
           f'{frac:>7}')

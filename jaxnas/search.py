@@ -245,7 +245,7 @@ def make_phase_steps(model, weight_tx, arch_tx, config, steps_per_epoch):
     updates, opt_state = weight_tx.update(grads, state.weight_opt_state, state.params)
     state = state.replace(params=optax.apply_updates(state.params, updates),
                           weight_opt_state=opt_state, batch_stats=bs)
-    return state, {'train_loss': loss, 'train_acc': acc, 'grad_norm': optax.global_norm(grads),
+    return state, {'train_loss': loss, 'train_acc': acc, 'grad_norm': optax.tree.norm(grads),
                    'lr': schedule(state.step)}
 
   return arch_step, weight_step

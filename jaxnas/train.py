@@ -249,7 +249,7 @@ def make_train_step(model, tx, config, steps_per_epoch: int):
                               batch_stats=batch_stats, opt_state=opt_state)
     metrics = {'train_loss': loss, 'train_total_loss': total,
                'train_acc': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-               'lr': schedule(state.step), 'grad_norm': optax.global_norm(grads),
+               'lr': schedule(state.step), 'grad_norm': optax.tree.norm(grads),
                'drop_rate': 0.0 if drop_rate is None else drop_rate}
     return new_state, metrics
 
