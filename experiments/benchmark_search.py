@@ -40,7 +40,6 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   """Measures one setting in this process; returns its record."""
   import importlib.util
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from jaxnas import parallel
   from jaxnas import search

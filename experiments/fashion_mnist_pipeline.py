@@ -32,6 +32,7 @@ from configs import eval_fashion_mnist  # noqa: E402
 from configs import pcdarts_fashion_mnist  # noqa: E402
 from jaxnas import genotypes  # noqa: E402
 from jaxnas import search  # noqa: E402
+from jaxnas import summary as summary_lib  # noqa: E402
 from jaxnas import train  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/pipeline', 'Where the runs go.')
@@ -47,7 +48,7 @@ _OUT = flags.DEFINE_string('out', 'results/fashion_mnist_pipeline.json', 'JSON o
 
 
 def _finished(workdir):
-  path = os.path.join(workdir, train.SUMMARY_FILE)
+  path = os.path.join(workdir, summary_lib.SUMMARY_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:

@@ -34,6 +34,25 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
       jax.distributed.initialize()
 
 
+def check_config(config: ml_collections.ConfigDict, fail,
+                 batch_norm_modes: tuple[str, ...] = BATCH_NORM_MODES) -> None:
+  """Checks ``config.parallel`` and that ``optim.batch_size`` splits over the devices in
+  use; ``fail(field, message)`` raises the caller's error."""
+  p = config.parallel
+  if p.batch_norm not in batch_norm_modes:
+    fail('parallel.batch_norm', f'is {p.batch_norm!r}; choose one of {batch_norm_modes}.')
+  available = jax.device_count()
+  if not 0 <= p.num_devices <= available:
+    fail('parallel.num_devices', f'= {p.num_devices} must lie in [0, {available}] (0: all '
+         f'{available} devices).')
+  if p.num_devices and p.num_devices != available and jax.process_count() > 1:
+    fail('parallel.num_devices', f'= {p.num_devices} must be 0 (all devices) on several hosts.')
+  devices = num_devices_in_use(p.num_devices)
+  if config.optim.batch_size % devices:
+    fail('optim.batch_size', f'= {config.optim.batch_size} must be divisible by the {devices} '
+         'devices in use (parallel.num_devices).')
+
+
 def num_devices_in_use(num_devices: int | None = None) -> int:
   """The device count a mesh of ``num_devices`` spans (None or 0: all devices)."""
   return num_devices or jax.device_count()

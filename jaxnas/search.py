@@ -100,20 +100,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('optim.arch_warmup_epochs', 'and optim.warmup_epochs must be >= 0.')
   if o.learning_rate <= 0 or o.arch_learning_rate < 0:
     fail('optim.learning_rate', 'must be positive (and optim.arch_learning_rate >= 0).')
-  p = config.parallel
-  if p.batch_norm not in parallel.BATCH_NORM_MODES:
-    fail('parallel.batch_norm',
-         f'is {p.batch_norm!r}; choose one of {parallel.BATCH_NORM_MODES}.')
-  available = jax.device_count()
-  if not 0 <= p.num_devices <= available:
-    fail('parallel.num_devices', f'= {p.num_devices} must lie in [0, {available}] (0: all '
-         f'{available} devices).')
-  if p.num_devices and p.num_devices != available and jax.process_count() > 1:
-    fail('parallel.num_devices', f'= {p.num_devices} must be 0 (all devices) on several hosts.')
-  devices = parallel.num_devices_in_use(p.num_devices)
-  if o.batch_size % devices:
-    fail('optim.batch_size', f'= {o.batch_size} must be divisible by the {devices} devices '
-         'in use (parallel.num_devices).')
+  parallel.check_config(config, fail)
+
+
+def check_data(config: ml_collections.ConfigDict, split: str = 'train') -> None:
+  """Checks that the split's data is there (DatasetNotFoundError / DataFileError), a bad
+  data.* field becoming a ConfigError; cheap, so it runs before any compute."""
+  try:
+    data_lib.check_dataset(config.data, split=split)
+  except (data_lib.DatasetNotFoundError, data_lib.DataFileError):
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------- model
@@ -162,13 +160,18 @@ def make_optimizers(config, steps_per_epoch):
   return weight_tx, arch_tx
 
 
+def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(initialization key, the run's raw key) from the seed. The initialization key is an
+  'rbg' key: its random bits lower to one op per parameter, so an init compiles in a
+  fraction of the time of threefry; it is still a pure function of the seed."""
+  init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
+  return jax.random.key(jax.random.randint(init_key, (), 0, 2**31 - 1), impl='rbg'), run_key
+
+
 def create_state(model, input_shape, weight_tx, arch_tx, seed: int,
                  mesh: jax.sharding.Mesh | None = None) -> SearchState:
   """The initial state, a pure function of ``seed``; replicated over ``mesh`` if given."""
-  init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
-  # Initialize from an 'rbg' key: its random bits lower to one op per parameter, so this
-  # compiles in a fraction of the time of threefry; it is still a pure function of seed.
-  rbg = jax.random.key(jax.random.randint(init_key, (), 0, 2**31 - 1), impl='rbg')
+  rbg, run_key = init_keys(seed)
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
 
   def init(rbg_key):
@@ -310,14 +313,24 @@ def jit_eval_step(eval_step, mesh: jax.sharding.Mesh):
   return jax.jit(eval_step, in_shardings=(rep, rows), out_shardings=rep)
 
 
-def evaluate(eval_step, state, dataset, indices, batch_size, mesh: jax.sharding.Mesh):
-  """Masked loss and accuracy over ``indices``; ``batch_size`` must divide by the mesh."""
-  totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+def sum_over_batches(eval_step, dataset, indices, batch_size,
+                     mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+  """Sums each output of ``eval_step(batch)`` over masked eval batches of ``indices``,
+  each split over ``mesh`` if given (``batch_size`` must then divide by it)."""
+  totals = {}
   for batch in data_lib.eval_batches(dataset, indices, batch_size, jax.process_index(),
                                      jax.process_count()):
-    out = jax.device_get(eval_step(state, parallel.shard_batch(batch, mesh)))
-    for k in totals:
-      totals[k] += float(out[k])
+    if mesh is not None:
+      batch = parallel.shard_batch(batch, mesh)
+    for k, v in jax.device_get(eval_step(batch)).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return totals
+
+
+def evaluate(eval_step, state, dataset, indices, batch_size, mesh: jax.sharding.Mesh):
+  """Masked loss and accuracy over ``indices``; ``batch_size`` must divide by the mesh."""
+  totals = sum_over_batches(lambda batch: eval_step(state, batch), dataset, indices,
+                            batch_size, mesh)
   n = max(totals['count'], 1.0)
   return {'loss': totals['loss'] / n, 'accuracy': totals['correct'] / n}
 
@@ -370,12 +383,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   parallel.maybe_initialize_distributed(config)  # before anything touches the devices
   # --- checks: every user error surfaces here, before data loading or compilation.
   validate_config(config)
-  try:
-    data_lib.check_dataset(config.data)
-  except (data_lib.DatasetNotFoundError, data_lib.DataFileError):
-    raise
-  except ValueError as e:  # a bad data.* field
-    raise ConfigError(str(e)) from e
+  check_data(config)
   os.makedirs(workdir, exist_ok=True)
   ckpt_lib.check_workdir_config(workdir, config)
   model_summary = summary_lib.supernet_summary(config, build_model)

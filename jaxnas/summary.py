@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxnas import data as data_lib
 from jaxnas import flops
 from jaxnas import genotypes
+from jaxnas.spaces import darts_eval
 
 SUMMARY_FILE = 'summary.json'
 
@@ -49,12 +50,11 @@ def supernet_summary(config, build_model) -> dict:
   macs = flops.count_macs(
       lambda v, x: model.apply(v, x, train=False, rngs={'channels': jax.random.key(0)}),
       variables, x)
-  count = lambda tree: int(sum(v.size for v in jax.tree.leaves(tree)))  # noqa: E731
   m = config.model
   return {'method': config.method, 'dataset': config.data.name, 'input_shape': list(shape),
           'num_classes': num_classes, 'C': m.C, 'layers': m.layers, 'k': m.k,
-          'primitives': list(m.primitives), 'params': count(variables['params']),
-          'arch_params': count(variables['arch']), 'multiply_adds': macs}
+          'primitives': list(m.primitives), 'params': darts_eval.count_params(variables['params'], exclude=None),
+          'arch_params': darts_eval.count_params(variables['arch'], exclude=None), 'multiply_adds': macs}
 
 
 def format_summary(s: dict) -> str:

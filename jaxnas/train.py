@@ -37,7 +37,6 @@ from jaxnas.spaces import darts_eval
 ConfigError = search.ConfigError
 NonFiniteLossError = search.NonFiniteLossError
 SCHEDULES = ('cosine', 'linear')
-SUMMARY_FILE = summary_lib.SUMMARY_FILE
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -97,16 +96,7 @@ def validate_config(config: ml_collections.ConfigDict) -> genotypes.Genotype:
     if size < 5:
       fail('model.auxiliary', f'needs maps of at least 5x5 after cell {2 * m.layers // 3}, '
            f'but these images give {size}x{size}; use larger images or set it to False.')
-  p = config.parallel
-  if p.batch_norm != 'sync':
-    fail('parallel.batch_norm', f"is {p.batch_norm!r}; training supports 'sync' only.")
-  available = jax.device_count()
-  if not 0 <= p.num_devices <= available:
-    fail('parallel.num_devices', f'= {p.num_devices} must lie in [0, {available}] (0: all).')
-  devices = parallel.num_devices_in_use(p.num_devices)
-  if o.batch_size % devices:
-    fail('optim.batch_size', f'= {o.batch_size} must be divisible by the {devices} devices '
-         'in use (parallel.num_devices).')
+  parallel.check_config(config, fail, batch_norm_modes=('sync',))  # per-device BN: search
   if not isinstance(config.genotype, str) or not config.genotype:
     fail('genotype', 'must name a published genotype '
          f'({", ".join(genotypes.PUBLISHED)}), a genotype.json file or a search workdir.')
@@ -193,9 +183,7 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 
 def create_state(model, input_shape, tx, seed: int,
                  mesh: jax.sharding.Mesh | None = None) -> TrainState:
-  init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
-  # An 'rbg' key compiles the initializers much faster on CPU (see search.create_state).
-  rbg = jax.random.key(jax.random.randint(init_key, (), 0, 2**31 - 1), impl='rbg')
+  rbg, run_key = search.init_keys(seed)
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
 
   def init(rbg_key):
@@ -281,13 +269,8 @@ def make_eval_step(model):
 def evaluate(eval_step, params, batch_stats, dataset, indices, batch_size,
              mesh: jax.sharding.Mesh | None = None) -> dict:
   """Masked loss, top-1 and top-5 over ``indices``; batches are split over ``mesh``."""
-  totals = {'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0}
-  for batch in data_lib.eval_batches(dataset, indices, batch_size):
-    if mesh is not None:
-      batch = parallel.shard_batch(batch, mesh)
-    out = jax.device_get(eval_step(params, batch_stats, batch))
-    for k in totals:
-      totals[k] += float(out[k])
+  totals = search.sum_over_batches(lambda batch: eval_step(params, batch_stats, batch),
+                                   dataset, indices, batch_size, mesh)
   n = max(totals['count'], 1.0)
   return {'loss': totals['loss'] / n, 'top1': totals['top1'] / n, 'top5': totals['top5'] / n,
           'examples': int(totals['count'])}
@@ -314,12 +297,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   # --- checks: every user error surfaces here, before data loading or compilation.
   genotype = validate_config(config)
   for split in ('train', 'test'):
-    try:
-      data_lib.check_dataset(config.data, split=split)
-    except (data_lib.DatasetNotFoundError, data_lib.DataFileError):
-      raise
-    except ValueError as e:
-      raise ConfigError(str(e)) from e
+    search.check_data(config, split)
   os.makedirs(workdir, exist_ok=True)
   ckpt_lib.check_workdir_config(workdir, config)
   search.setup_compilation_cache(config.compilation_cache_dir)

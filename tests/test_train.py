@@ -16,7 +16,6 @@ from jaxnas import data
 from jaxnas import export
 from jaxnas import genotypes
 from jaxnas import train
-from jaxnas.spaces import darts_eval
 from test_data import write_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
