@@ -304,13 +304,14 @@ def jit_search_step(step, mesh: jax.sharding.Mesh):
   statistics and gradients are those of the whole batch)."""
   rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   return jax.jit(step, in_shardings=(rep, rows, rows), out_shardings=(rep, rep),
-                 donate_argnums=0)
+                 donate_argnums=0, compiler_options=parallel.compiler_options(mesh))
 
 
 def jit_eval_step(eval_step, mesh: jax.sharding.Mesh):
   """``eval_step(state, batch)`` jitted for ``mesh``; its sums come back replicated."""
   rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return jax.jit(eval_step, in_shardings=(rep, rows), out_shardings=rep)
+  return jax.jit(eval_step, in_shardings=(rep, rows), out_shardings=rep,
+                 compiler_options=parallel.compiler_options(mesh))
 
 
 def sum_over_batches(eval_step, dataset, indices, batch_size,

@@ -28,15 +28,19 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
 
-def bn_reference(x, groups, feature_ndim=1, momentum=0.1, eps=1e-5):
-  """BatchNorm with statistics per slice of B/groups rows, by hand in float64.
+def bn_reference(x, groups, grouped=False, momentum=0.1, eps=1e-5):
+  """BatchNorm with statistics per slice of B/groups rows, by hand in float64; with
+  ``grouped`` the leading axis holds independent BNs (each recursed on).
 
   Returns (output, running mean, running var) after one update from mean 0, var 1.
   """
+  if grouped:
+    parts = [bn_reference(g, groups, False, momentum, eps) for g in x]
+    return tuple(np.stack(t) for t in zip(*parts))
   x = np.asarray(x, np.float64)
-  feat = x.shape[x.ndim - feature_ndim:]
+  feat = x.shape[-1:]
   xg = x.reshape((groups, -1) + x.shape[1:])
-  axes = tuple(range(1, xg.ndim - feature_ndim))
+  axes = tuple(range(1, xg.ndim - 1))
   mean = xg.mean(axes, keepdims=True)
   var = xg.var(axes, keepdims=True)
   y = ((xg - mean) / np.sqrt(var + eps)).reshape(x.shape)
@@ -95,18 +99,20 @@ def test_distributed_initialize_only_when_multi_host(monkeypatch):
   assert calls == [1]
 
 
-@pytest.mark.parametrize('groups, feature_ndim', [(1, 1), (4, 1), (2, 2)])
-def test_batch_norm_per_group_statistics_match_the_formula(groups, feature_ndim):
-  x = np.random.default_rng(groups).normal(1.0, 2.0, size=(8, 3, 3, 2, 5)).astype(np.float32)
-  bn = ops.BatchNorm(train=True, feature_ndim=feature_ndim, batch_groups=groups)
-  variables = bn.init(jax.random.key(0), x[:1])
+@pytest.mark.parametrize('groups, grouped', [(1, False), (4, False), (2, True)])
+def test_batch_norm_per_group_statistics_match_the_formula(groups, grouped):
+  x = np.random.default_rng(groups).normal(1.0, 2.0, size=(2, 8, 3, 3, 5)).astype(np.float32)
+  if not grouped:
+    x = x.reshape(16, 3, 3, 5)
+  bn = ops.BatchNorm(train=True, grouped=grouped, batch_groups=groups)
+  variables = bn.init(jax.random.key(0), x[:, :1] if grouped else x[:1])
   y, updates = bn.apply(variables, x, mutable=['batch_stats'])
-  ref_y, ref_mean, ref_var = bn_reference(x, groups, feature_ndim)
+  ref_y, ref_mean, ref_var = bn_reference(x, groups, grouped)
   np.testing.assert_allclose(y, ref_y, atol=2e-5)
   np.testing.assert_allclose(updates['batch_stats']['mean'], ref_mean, atol=1e-6)
   np.testing.assert_allclose(updates['batch_stats']['var'], ref_var, rtol=1e-5)
   if groups > 1:  # the grouping changes the output
-    assert np.abs(ref_y - bn_reference(x, 1, feature_ndim)[0]).max() > 0.1
+    assert np.abs(ref_y - bn_reference(x, 1, grouped)[0]).max() > 0.1
 
 
 def test_batch_norm_groups_must_divide_the_batch():
@@ -263,3 +269,36 @@ def test_sharded_training_step_equals_the_one_device_step():
   assert r['params_diff'] < 1e-6
   assert r['batch_stats_diff'] < 1e-5
   np.testing.assert_allclose(r['loss_8'], r['loss_1'], rtol=1e-6)
+
+
+def test_cpu_compiler_options_apply_and_fall_back_when_unknown(monkeypatch):
+  mesh = parallel.make_mesh()
+  assert parallel.compiler_options(mesh) == parallel.CPU_COMPILER_OPTIONS
+  # A jaxlib that does not know an option gets none rather than a compile error.
+  monkeypatch.setattr(parallel, 'CPU_COMPILER_OPTIONS', {'xla_no_such_option': 'x'})
+  parallel._cpu_options_supported.cache_clear()
+  try:
+    assert parallel.compiler_options(mesh) == {}
+  finally:
+    parallel._cpu_options_supported.cache_clear()
+
+
+def test_search_step_with_cpu_compiler_options_matches_the_default_compile():
+  config = tiny_config()
+  config.optim.arch_warmup_epochs = 0
+  mesh = parallel.make_mesh(1)
+  model = search.build_model(config, 10)
+  weight_tx, arch_tx = search.make_optimizers(config, 10)
+  step = search.make_search_step(model, weight_tx, arch_tx, config, 10)
+  rng = np.random.default_rng(0)
+  train = parallel.shard_batch({'image': rng.normal(size=(4, 8, 8, 3)).astype(np.float32),
+                                'label': rng.integers(0, 10, 4).astype(np.int32)}, mesh)
+  states = []
+  for options in ({}, parallel.CPU_COMPILER_OPTIONS):
+    state = search.create_state(model, (8, 8, 3), weight_tx, arch_tx, seed=0, mesh=mesh)
+    compiled = jax.jit(step, compiler_options=options)
+    for _ in range(2):
+      state, _ = compiled(state, train, train)
+    states.append(state)
+  chex.assert_trees_all_close(states[0].params, states[1].params, atol=1e-5)
+  chex.assert_trees_all_close(states[0].arch, states[1].arch, atol=1e-6)

@@ -225,16 +225,24 @@ def test_batch_norm_eval_uses_running_stats_and_affine():
   np.testing.assert_allclose(y_train, _bn_train(x) * scale + bias, rtol=1e-4, atol=1e-4)
 
 
-def test_batch_norm_feature_ndim2_is_independent_bns():
-  x = _x((4, 3, 3, 2, 5), seed=4, loc=1.0)
-  x = x.at[..., 1, :].multiply(3.0)  # groups with different statistics
-  y, new = ops.BatchNorm(train=True, feature_ndim=2).apply(
+def test_grouped_batch_norm_is_independent_bns():
+  x = _x((2, 4, 3, 3, 5), seed=4, loc=1.0)
+  x = x.at[1].multiply(3.0)  # groups with different statistics
+  y, new = ops.BatchNorm(train=True, grouped=True).apply(
       {'batch_stats': {'mean': jnp.zeros((2, 5)), 'var': jnp.ones((2, 5))}}, x,
       mutable=['batch_stats'])
-  np.testing.assert_allclose(y, _bn_train(x), rtol=1e-4, atol=1e-4)
+  for g in range(2):
+    np.testing.assert_allclose(y[g], _bn_train(x[g]), rtol=1e-4, atol=1e-4)
   xn = np.asarray(x, np.float64)
   np.testing.assert_allclose(new['batch_stats']['var'],
-                             0.9 + 0.1 * xn.var((0, 1, 2), ddof=1), rtol=1e-5)
+                             0.9 + 0.1 * xn.var((1, 2, 3), ddof=1), rtol=1e-5)
+  np.testing.assert_allclose(new['batch_stats']['mean'], 0.1 * xn.mean((1, 2, 3)),
+                             rtol=1e-5)
+  # Eval mode uses the running statistics per (group, channel).
+  y_eval = ops.BatchNorm(train=False, grouped=True).apply(new, x)
+  ref = (xn - np.asarray(new['batch_stats']['mean'])[:, None, None, None]) / np.sqrt(
+      np.asarray(new['batch_stats']['var'])[:, None, None, None] + EPS)
+  np.testing.assert_allclose(y_eval, ref, rtol=1e-4, atol=1e-4)
 
 
 # --- FactorizedReduce, SepConv, DilConv against references ------------------------------

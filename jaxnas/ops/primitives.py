@@ -23,12 +23,14 @@ torch_init_stacked = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unif
 
 
 class BatchNorm(nn.Module):
-  """BatchNorm over every axis but the last ``feature_ndim`` ones (PyTorch semantics:
-  momentum 0.1, eps 1e-5, running variance unbiased).
+  """BatchNorm over every axis but the channels (PyTorch semantics: momentum 0.1,
+  eps 1e-5, running variance unbiased).
 
   Written out rather than ``nn.BatchNorm`` because a supernet holds hundreds of them and
-  this form lowers to fewer HLO ops; ``feature_ndim=2`` normalizes a stack of
-  independent BNs (..., groups, channels) in one go.
+  this form lowers to fewer HLO ops. ``grouped=True`` normalizes a stack of independent
+  BNs in one go: x is (G, B, ..., C) and every (group, channel) pair has its own
+  statistics, over the batch and spatial axes (the group axis leads, so each group is a
+  contiguous block).
 
   ``batch_groups`` > 1 computes the training statistics per slice of B / batch_groups
   rows: per device, as PyTorch DataParallel does (sharded over the ``data`` axis, each
@@ -36,53 +38,52 @@ class BatchNorm(nn.Module):
   """
   train: bool
   affine: bool = False
-  feature_ndim: int = 1
+  grouped: bool = False
   momentum: float = 0.1
   epsilon: float = 1e-5
   batch_groups: int = 1
 
   @nn.compact
   def __call__(self, x):
-    feat = x.shape[x.ndim - self.feature_ndim:]
+    batch_axis = 1 if self.grouped else 0
+    feat = (x.shape[0], x.shape[-1]) if self.grouped else (x.shape[-1],)
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, feat, jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, feat, jnp.float32)
-    # Init needs no statistics (it may run on a single example).
-    if self.train and self.batch_groups > 1 and not self.is_initializing():
-      y = self._per_group(x, ra_mean, ra_var)
-    elif self.train:
-      axes = tuple(range(x.ndim - self.feature_ndim))
-      n = x.size // math.prod(feat)
-      mean = jnp.mean(x, axes)
-      var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
+    if self.train:
+      # Init needs no statistics (it may run on a single example).
+      g = 1 if self.is_initializing() else self.batch_groups
+      b = x.shape[batch_axis]
+      if b % g:
+        raise ValueError(f'BatchNorm over {g} batch groups needs a batch divisible by '
+                         f'{g}, got {b}.')
+      # The batch axis split as (g, B/g): the slice axis comes first, so on a mesh it is
+      # the sharded one. With g = 1 the reshape only adds a unit axis.
+      xg = x.reshape(x.shape[:batch_axis] + (g, b // g) + x.shape[batch_axis + 1:])
+      axes = tuple(range(batch_axis + 1, xg.ndim - 1))
+      n = math.prod(xg.shape[a] for a in axes)
+      mean = jnp.mean(xg, axes, keepdims=True)
+      var = jnp.maximum(jnp.mean(jnp.square(xg), axes, keepdims=True) - jnp.square(mean),
+                        0.0)
       if not self.is_initializing():
         m = self.momentum
-        ra_mean.value = (1 - m) * ra_mean.value + m * mean
-        ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
-      y = (x - mean) * lax.rsqrt(var + self.epsilon)
+        slice_mean = lambda t: jnp.mean(t, batch_axis).reshape(feat)  # noqa: E731
+        ra_mean.value = (1 - m) * ra_mean.value + m * slice_mean(mean)
+        ra_var.value = (1 - m) * ra_var.value + m * slice_mean(var) * (n / max(n - 1, 1))
+      y = ((xg - mean) * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
     else:
-      mean, var = ra_mean.value, ra_var.value
-      y = (x - mean) * lax.rsqrt(var + self.epsilon)
+      y = (x - self._expand(ra_mean.value, x)) * lax.rsqrt(
+          self._expand(ra_var.value, x) + self.epsilon)
     if self.affine:
-      y = y * self.param('scale', nn.initializers.ones, feat) + self.param(
-          'bias', nn.initializers.zeros, feat)
+      scale = self.param('scale', nn.initializers.ones, feat)
+      bias = self.param('bias', nn.initializers.zeros, feat)
+      y = y * self._expand(scale, x) + self._expand(bias, x)
     return y
 
-  def _per_group(self, x, ra_mean, ra_var):
-    g, b = self.batch_groups, x.shape[0]
-    if b % g:
-      raise ValueError(f'BatchNorm over {g} batch groups needs a batch divisible by {g}, '
-                       f'got {b}.')
-    # (B, ...) -> (g, B/g, ...): the slice axis leads, so on a mesh it is the sharded one.
-    xg = x.reshape((g, b // g) + x.shape[1:])
-    axes = tuple(range(1, xg.ndim - self.feature_ndim))
-    n = math.prod(xg.shape[a] for a in axes)
-    mean = jnp.mean(xg, axes, keepdims=True)
-    var = jnp.maximum(jnp.mean(jnp.square(xg), axes, keepdims=True) - jnp.square(mean), 0.0)
-    m, feat = self.momentum, ra_mean.value.shape
-    ra_mean.value = (1 - m) * ra_mean.value + m * jnp.mean(mean, 0).reshape(feat)
-    ra_var.value = (1 - m) * ra_var.value + m * (
-        jnp.mean(var, 0).reshape(feat) * (n / max(n - 1, 1)))
-    return ((xg - mean) * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+  def _expand(self, v, x):
+    """A (G, C) or (C,) per-feature array, shaped to broadcast against x."""
+    if self.grouped:
+      return v.reshape((v.shape[0],) + (1,) * (x.ndim - 2) + (v.shape[1],))
+    return v
 
 
 def batch_norm(train: bool, affine: bool, name: str | None = None,
@@ -91,9 +92,10 @@ def batch_norm(train: bool, affine: bool, name: str | None = None,
 
 
 def pointwise(x, kernel):
-  """1x1 convolution: x (..., [G,] c_in) times kernel ([G,] c_in, c_out)."""
+  """1x1 convolution: x ([G,] ..., c_in) times kernel ([G,] c_in, c_out); a leading
+  group axis is a batch axis of one matmul (no transposes)."""
   if kernel.ndim == 3:
-    return jnp.einsum('...gc,gcd->...gd', x, kernel)
+    return jnp.einsum('g...c,gcd->g...d', x, kernel)
   return jnp.dot(x, kernel)
 
 

@@ -48,10 +48,12 @@ class MixedOp(nn.Module):
   """One edge: sum_k w_k * op_k(x) over the primitives, in search mode.
 
   The primitives run side by side on the same input, so their like stages are computed
-  together: the 1x1 convs of all conv ops as one batched matmul over a (group, channel)
-  axis and their BatchNorms as one BN over it (BN is per channel, so this is exact); the
-  pools likewise. The parameters are those of the separate ops, stacked. 'none' adds
-  zero and is not computed; its alpha still takes part in the softmax.
+  together on a leading (group) axis: the 1x1 convs of all conv ops as one batched
+  matmul and their BatchNorms as one grouped BN (BN is per channel, so this is exact);
+  the pools likewise. The group axis leads so that every op writes and reads one
+  contiguous block (no interleaving copies, no transposes around the matmul). The
+  parameters are those of the separate ops, stacked. 'none' adds zero and is not
+  computed; its alpha still takes part in the softmax.
   """
   features: int
   stride: int
@@ -74,22 +76,21 @@ class MixedOp(nn.Module):
     seps = [p for p in convs if CONV_OPS[p][2] == 2]
     if convs:
       r = nn.relu(x)
-      first = [self._depthwise(r, p, 0, s) for p in convs]
-      y = self._pointwise_bn(jnp.stack(first, -2), 'pw0', 'bn0')
-      # Weighted sums over the op axis are one contraction each (sep convs weigh 0 here).
-      w = jnp.stack([weights[index[p]] if p not in seps else 0.0 for p in convs])
-      out = out + jnp.einsum('...gc,g->...c', y, w)
+      y = self._pointwise_bn(jnp.stack([self._depthwise(r, p, 0, s) for p in convs]),
+                             'pw0', 'bn0')
+      # Weighted sums over the group axis unroll into one elementwise loop each.
+      out = out + sum(weights[index[p]] * y[g] for g, p in enumerate(convs) if p not in seps)
       if seps:
-        second = [self._depthwise(nn.relu(y[..., g, :]), p, 1, 1) for g, p in enumerate(seps)]
-        z = self._pointwise_bn(jnp.stack(second, -2), 'pw1', 'bn1')
-        out = out + jnp.einsum('...gc,g->...c', z, jnp.stack([weights[index[p]] for p in seps]))
+        second = [self._depthwise(nn.relu(y[g]), p, 1, 1) for g, p in enumerate(seps)]
+        z = self._pointwise_bn(jnp.stack(second), 'pw1', 'bn1')
+        out = out + sum(weights[index[p]] * z[g] for g, p in enumerate(seps))
 
     pools = [p for p in self.primitives if p in POOL_OPS]
     if pools:
-      y = jnp.stack([POOL_OPS[p](x, 3, s, 1) for p in pools], -2)
-      y = ops.BatchNorm(self.train, feature_ndim=2, batch_groups=self.bn_groups,
+      y = jnp.stack([POOL_OPS[p](x, 3, s, 1) for p in pools])
+      y = ops.BatchNorm(self.train, grouped=True, batch_groups=self.bn_groups,
                         name='pool_bn')(y)
-      out = out + jnp.einsum('...gc,g->...c', y, jnp.stack([weights[index[p]] for p in pools]))
+      out = out + sum(weights[index[p]] * y[g] for g, p in enumerate(pools))
 
     if 'skip_connect' in index:
       skip = x if s == 1 else ops.FactorizedReduce(c, bn_groups=self.bn_groups,
@@ -106,11 +107,11 @@ class MixedOp(nn.Module):
                              name=f'{op}_dw{block}')(x)
 
   def _pointwise_bn(self, y, pw_name, bn_name):
-    """Per-group 1x1 convs (G, c, c) as one batched matmul, then one BN over (G, c)."""
-    g, c = y.shape[-2:]
+    """Per-group 1x1 convs (G, c, c) as one batched matmul, then one grouped BN."""
+    g, c = y.shape[0], y.shape[-1]
     kernel = self.param(pw_name, ops.torch_init_stacked, (g, c, c))
     y = ops.pointwise(y, kernel)
-    return ops.BatchNorm(self.train, feature_ndim=2, batch_groups=self.bn_groups,
+    return ops.BatchNorm(self.train, grouped=True, batch_groups=self.bn_groups,
                          name=bn_name)(y)
 
 
@@ -181,7 +182,9 @@ class SearchCell(nn.Module):
       s0 = ops.ReLUConvBN(C, affine=False, bn_groups=g, name='preprocess0')(s0, self.train)
     s1 = ops.ReLUConvBN(C, affine=False, bn_groups=g, name='preprocess1')(s1, self.train)
     states = [s0, s1]
-    incoming: list[list[tuple[EdgeOutputs, int, int]]] = [[] for _ in range(self.steps)]
+    # Per node: (mixed op output, its group's outputs, position in the group, edge index).
+    incoming: list[list[tuple[jax.Array, EdgeOutputs, int, int]]] = [
+        [] for _ in range(self.steps)]
 
     def emit(source):
       targets = edges_from(source, self.steps)
@@ -190,8 +193,11 @@ class SearchCell(nn.Module):
       out = EdgeGroup(len(targets), C, stride, self.k, self.sampling, self.primitives,
                       self.train, self.impl, self.bn_groups, name=f'edges_from_{source}')(
                           states[source], op_weights[rows])
+      # One split of the stacked outputs (its gradient is one concatenation, not a
+      # zero-padded copy per edge).
+      mixed = [m[0] for m in jnp.split(out.mixed, len(targets))]
       for pos, (node, e) in enumerate(targets):
-        incoming[node].append((out, pos, e))
+        incoming[node].append((mixed[pos], out, pos, e))
 
     emit(0)
     emit(1)
@@ -205,17 +211,17 @@ class SearchCell(nn.Module):
     """sum_j beta_j * edge_j; partial-channel edges are combined with their bypass."""
     C, k = self.features, self.k
     if k == 1:
-      return sum(edge_weights[e] * out.mixed[pos] for out, pos, e in parts)
+      return sum(edge_weights[e] * mixed for mixed, _, _, e in parts)
     if self.sampling == 'shuffle':
       # The shuffle is a fixed permutation, so summing before it is exact and cheaper.
-      mixed = sum(edge_weights[e] * out.mixed[pos] for out, pos, e in parts)
-      bypass = sum(edge_weights[e] * out.bypass for out, pos, e in parts)
+      mixed = sum(edge_weights[e] * m for m, _, _, e in parts)
+      bypass = sum(edge_weights[e] * out.bypass for _, out, _, e in parts)
       return pc.channel_shuffle(jnp.concatenate([mixed, bypass], -1), k)
     total = 0.0
-    for out, pos, e in parts:
+    for mixed, out, pos, e in parts:
       idx = out.channels[pos]
       keep = 1.0 - jnp.zeros((C,), out.bypass.dtype).at[idx].set(1.0)
-      edge = out.bypass * keep + pc.scatter_channels(out.mixed[pos], idx, C)
+      edge = out.bypass * keep + pc.scatter_channels(mixed, idx, C)
       total = total + edge_weights[e] * edge
     return total
 
