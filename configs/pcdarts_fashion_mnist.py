@@ -9,10 +9,11 @@ images after each epoch.
 
   python -m jaxnas.main --config=configs/pcdarts_fashion_mnist.py --workdir=/tmp/fmnist
 
-Measured on a 2-core AMD EPYC VM (jax 0.10.2, CPU), cold compilation cache: 12 min 01 s
-wall (110 s of it setup: 76 s compiling the search step, 12 s the eval step), about 100
-images/s once arch updates start; supernet accuracy on the held-out arch split 85.6 %;
-genotype with sep/dil convs in both cells (not degenerate). ``:smoke`` runs in about a
+Measured on a 2-core AMD EPYC VM (jax 0.10.2, CPU), cold compilation cache, in a fresh
+clone: 13 min 17 s wall with the install (145 s of it setup: 104 s compiling the search
+step, 14 s the eval step), about 100 images/s once arch updates start; supernet accuracy
+on the held-out arch split 84.9 %; genotype with sep/dil convs in both cells (not
+degenerate). ``:smoke`` runs in about a
 minute cold (46 s measured), 13 s with a warm compilation cache.
 """
 
