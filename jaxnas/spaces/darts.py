@@ -182,8 +182,8 @@ class SearchCell(nn.Module):
       s0 = ops.ReLUConvBN(C, affine=False, bn_groups=g, name='preprocess0')(s0, self.train)
     s1 = ops.ReLUConvBN(C, affine=False, bn_groups=g, name='preprocess1')(s1, self.train)
     states = [s0, s1]
-    # Per node: (mixed op output, its group's outputs, position in the group, edge index).
-    incoming: list[list[tuple[jax.Array, EdgeOutputs, int, int]]] = [
+    # Per node: (mixed op output, bypass, selected channels, edge index) of each edge in.
+    incoming: list[list[tuple[jax.Array, jax.Array | None, jax.Array | None, int]]] = [
         [] for _ in range(self.steps)]
 
     def emit(source):
@@ -197,7 +197,8 @@ class SearchCell(nn.Module):
       # zero-padded copy per edge).
       mixed = [m[0] for m in jnp.split(out.mixed, len(targets))]
       for pos, (node, e) in enumerate(targets):
-        incoming[node].append((mixed[pos], out, pos, e))
+        channels = None if out.channels is None else out.channels[pos]
+        incoming[node].append((mixed[pos], out.bypass, channels, e))
 
     emit(0)
     emit(1)
@@ -215,13 +216,12 @@ class SearchCell(nn.Module):
     if self.sampling == 'shuffle':
       # The shuffle is a fixed permutation, so summing before it is exact and cheaper.
       mixed = sum(edge_weights[e] * m for m, _, _, e in parts)
-      bypass = sum(edge_weights[e] * out.bypass for _, out, _, e in parts)
+      bypass = sum(edge_weights[e] * b for _, b, _, e in parts)
       return pc.channel_shuffle(jnp.concatenate([mixed, bypass], -1), k)
     total = 0.0
-    for mixed, out, pos, e in parts:
-      idx = out.channels[pos]
-      keep = 1.0 - jnp.zeros((C,), out.bypass.dtype).at[idx].set(1.0)
-      edge = out.bypass * keep + pc.scatter_channels(mixed, idx, C)
+    for mixed, bypass, idx, e in parts:
+      keep = 1.0 - jnp.zeros((C,), bypass.dtype).at[idx].set(1.0)
+      edge = bypass * keep + pc.scatter_channels(mixed, idx, C)
       total = total + edge_weights[e] * edge
     return total
 
