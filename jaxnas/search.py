@@ -365,6 +365,16 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def save_if_finite(manager, step: int, state, checked, what: str, workdir: str) -> None:
+  """Checkpoints ``state`` unless ``checked`` (part of it) holds NaN or inf, which raises
+  NonFiniteLossError instead: a good checkpoint is never replaced by a bad one."""
+  if not bool(all_finite(checked)):
+    raise NonFiniteLossError(
+        f'The {what} became NaN/inf at step {step}; stopped without saving, so the last '
+        f'checkpoint in {workdir} is the last good state.')
+  ckpt_lib.save(manager, step, state)
+
+
 def _compile(jitted, *args):
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile()
@@ -502,12 +512,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
               f'{genotypes.format_genotype(genotype)}', flush=True)
         epoch_sums, epoch_t0 = {}, time.perf_counter()
       if epoch_end or step % config.checkpoint_every_steps == 0:
-        # Never overwrite a good checkpoint with a bad one.
-        if not bool(all_finite((state.params, state.arch))):
-          raise NonFiniteLossError(
-              f'The weights or arch params became NaN/inf at step {step}; stopped without '
-              f'saving, so the last checkpoint in {workdir} is the last good state.')
-        ckpt_lib.save(manager, step, state)
+        save_if_finite(manager, step, state, (state.params, state.arch),
+                       'weights or arch params', workdir)
 
   manager.wait_until_finished()
   arch = arch_arrays(state)

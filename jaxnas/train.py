@@ -410,11 +410,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
               f'{metrics_lib.format_seconds(epoch_result["epoch_time_s"])}', flush=True)
         epoch_sums, epoch_t0 = {}, time.perf_counter()
       if epoch_end or step % config.checkpoint_every_steps == 0:
-        if not bool(search.all_finite(state.params)):
-          raise NonFiniteLossError(
-              f'The weights became NaN/inf at step {step}; stopped without saving, so the '
-              f'last checkpoint in {workdir} is the last good state.')
-        ckpt_lib.save(manager, step, state)
+        search.save_if_finite(manager, step, state, state.params, 'weights', workdir)
 
   manager.wait_until_finished()
   if not epoch_result:  # resumed a finished run: score the final state again
