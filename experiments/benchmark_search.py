@@ -2,6 +2,7 @@ r"""Search-step throughput, memory, FLOPs and compile time of the DARTS / PC-DAR
 
   python experiments/benchmark_search.py --methods=pcdarts,darts --batch_sizes=64,256
   python experiments/benchmark_search.py --methods=pcdarts --batch_sizes=256 --remat=0,1
+  python experiments/benchmark_search.py --methods=pcdarts --cache=cold,warm
 
 Each (method, batch size) runs in its own process, so its peak memory is its own. A
 setting builds the paper's CIFAR-10 search config (configs/pcdarts_cifar.py or
@@ -15,7 +16,12 @@ batches and reports:
   xla_temp_bytes / xla_argument_bytes   XLA's compiled memory analysis
   flops_per_step XLA's cost analysis of the compiled step; achieved FLOP/s and, where the
                  device peak is known (--peak_flops or the table below), the fraction of it
-  compile_s      lowering + XLA compilation, persistent cache off
+  compile_s      lowering + XLA compilation. --cache=cold (the default): persistent
+                 compilation cache off. --cache=warm: a first process fills a fresh cache
+                 and the measured one loads the step from it, as a resumed or repeated
+                 search does (jaxnas caches compiled steps under ~/.cache/jaxnas/xla)
+  compile_peak_bytes  process RSS right after compilation (CPU): how much of the peak
+                 is the compiler's rather than the step's
 
 A table is printed and the records are written as JSON (the path is printed).
 """
@@ -27,6 +33,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,14 +43,17 @@ PEAK_FP32 = {'H100': 67e12, 'H200': 67e12, 'A100': 19.5e12, 'V100': 15.7e12}
 
 
 def run_setting(method: str, batch_size: int, remat: bool, steps: int,
-                peak_flops: float) -> dict:
-  """Measures one setting in this process; returns its record."""
+                peak_flops: float, cache_dir: str = '') -> dict:
+  """Measures one setting in this process; returns its record. With ``cache_dir`` the
+  compiled step is read from (or written to) that persistent compilation cache."""
   import importlib.util
   import jax
   import numpy as np
   from jaxnas import parallel
   from jaxnas import search
 
+  if cache_dir:
+    search.setup_compilation_cache(cache_dir)
   spec = importlib.util.spec_from_file_location('cfg', os.path.join(REPO, CONFIGS[method]))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -58,6 +68,7 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   steps_per_epoch = 50000 // 2 // batch_size
   weight_tx, arch_tx = search.make_optimizers(config, steps_per_epoch)
   state = search.create_state(model, shape, weight_tx, arch_tx, seed=0, mesh=mesh)
+  search.release_host_memory()  # as a search does, here and after compiling
   rng = np.random.default_rng(0)
 
   def batch():
@@ -71,11 +82,13 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   t0 = time.perf_counter()
   compiled = step.lower(state, train, val).compile()
   compile_s = time.perf_counter() - t0
+  compile_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  search.release_host_memory()
 
   state, _ = compiled(state, train, val)  # warm-up
   jax.block_until_ready(state)
@@ -107,7 +120,9 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
       'xla_argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
       'flops_per_step': flops, 'achieved_flops_per_s': achieved,
       'fraction_of_peak': achieved / peak if peak else None,
-      'compile_s': compile_s, 'backend': device.platform, 'device': device.device_kind,
+      'compile_s': compile_s, 'cache': 'warm' if cache_dir else 'cold',
+      'compile_peak_bytes': compile_peak_bytes if device.platform == 'cpu' else None,
+      'backend': device.platform, 'device': device.device_kind,
       'devices': jax.device_count(), 'host': platform.node(), 'cpus': os.cpu_count(),
       'loss_finite': bool(np.isfinite(float(metrics['train_loss']))),
   }
@@ -119,6 +134,9 @@ def main():
   parser.add_argument('--batch_sizes', default='64')
   parser.add_argument('--remat', default='0',
                       help='0, 1 or 0,1: rematerialize each cell in the backward pass')
+  parser.add_argument('--cache', default='cold',
+                      help='cold, warm or cold,warm: compile the step, or load it from a '
+                           'persistent compilation cache filled by a first process')
   parser.add_argument('--steps', type=int, default=3, help='timed steps after a warm-up')
   parser.add_argument('--peak_flops', type=float, default=0.0,
                       help='device peak FLOP/s for the fraction-of-peak column')
@@ -127,46 +145,67 @@ def main():
   args = parser.parse_args()
 
   if args.child:
-    method, batch_size, remat = args.child.split(':')
-    record = run_setting(method, int(batch_size), remat == '1', args.steps, args.peak_flops)
+    method, batch_size, remat, cache_dir = args.child.split(':', 3)
+    record = run_setting(method, int(batch_size), remat == '1', args.steps, args.peak_flops,
+                         cache_dir)
     print('RECORD ' + json.dumps(record), flush=True)
     return
 
-  records = []
+  for cache in args.cache.split(','):
+    if cache not in ('cold', 'warm'):
+      sys.exit(f'--cache: unknown mode {cache!r}; choose cold, warm or cold,warm.')
   for method in args.methods.split(','):
     if method not in CONFIGS:
       sys.exit(f'--methods: unknown method {method!r}; choose from {sorted(CONFIGS)}.')
+
+  def child(method, batch_size, remat, cache_dir):
+    """Runs one setting in a fresh process: (record, None) or (None, error lines)."""
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='')
+    out = subprocess.run(
+        [sys.executable, __file__, f'--child={method}:{batch_size}:{remat}:{cache_dir}',
+         f'--steps={args.steps}', f'--peak_flops={args.peak_flops}'],
+        capture_output=True, text=True, env=env)
+    lines = [l for l in out.stdout.splitlines() if l.startswith('RECORD ')]
+    if out.returncode or not lines:
+      tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+      return None, [f'exit {out.returncode}'] + tail
+    return json.loads(lines[-1][len('RECORD '):]), None
+
+  records = []
+  for method in args.methods.split(','):
     for batch_size in (int(b) for b in args.batch_sizes.split(',')):
       for remat in args.remat.split(','):
-        print(f'== {method} batch {batch_size} remat {remat} ...', flush=True)
-        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='')
-        out = subprocess.run(
-            [sys.executable, __file__, f'--child={method}:{batch_size}:{remat}',
-             f'--steps={args.steps}', f'--peak_flops={args.peak_flops}'],
-            capture_output=True, text=True, env=env)
-        lines = [l for l in out.stdout.splitlines() if l.startswith('RECORD ')]
-        if out.returncode or not lines:
-          tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-          print(f'   failed (exit {out.returncode}): {" / ".join(tail)}', flush=True)
-          records.append({'method': method, 'batch_size': batch_size, 'remat': remat == '1',
-                          'error': tail})
-          continue
-        records.append(json.loads(lines[-1][len('RECORD '):]))
+        for cache in args.cache.split(','):
+          print(f'== {method} batch {batch_size} remat {remat} cache {cache} ...', flush=True)
+          with tempfile.TemporaryDirectory(prefix='jaxnas-bench-cache-') as cache_dir:
+            error = None
+            if cache == 'warm':  # the first process compiles and fills the cache
+              _, error = child(method, batch_size, remat, cache_dir)
+            if error is None:
+              record, error = child(method, batch_size, remat,
+                                    cache_dir if cache == 'warm' else '')
+          if error is not None:
+            print(f'   failed: {" / ".join(error)}', flush=True)
+            records.append({'method': method, 'batch_size': batch_size,
+                            'remat': remat == '1', 'cache': cache, 'error': error})
+            continue
+          records.append(record)
 
-  header = (f'{"method":8} {"batch":>5} {"remat":>5} {"compile s":>9} {"step s":>7} {"img/s":>7} '
-            f'{"peak GB":>8} {"xla temp GB":>11} {"GFLOP/step":>10} {"GFLOP/s":>8} '
-            f'{"of peak":>7}')
+  header = (f'{"method":8} {"batch":>5} {"remat":>5} {"cache":>5} {"compile s":>9} '
+            f'{"step s":>7} {"img/s":>7} {"peak GB":>8} {"compile GB":>10} {"xla temp GB":>11} '
+            f'{"GFLOP/step":>10} {"GFLOP/s":>8} {"of peak":>7}')
   print(header)
+  gb = lambda b: b / 1e9 if b is not None else float('nan')  # noqa: E731
   for r in records:
     if 'error' in r:
-      print(f'{r["method"]:8} {r["batch_size"]:>5} {int(r["remat"]):>5} failed')
+      print(f'{r["method"]:8} {r["batch_size"]:>5} {int(r["remat"]):>5} {r["cache"]:>5} failed')
       continue
     frac = f'{100 * r["fraction_of_peak"]:.1f}%' if r['fraction_of_peak'] else 'n/a'
-    temp = r['xla_temp_bytes'] / 1e9 if r['xla_temp_bytes'] is not None else float('nan')
-    print(f'{r["method"]:8} {r["batch_size"]:>5} {int(r["remat"]):>5} {r["compile_s"]:>9.1f} {r["step_s"]:>7.2f} '
-          f'{r["images_per_s"]:>7.1f} {r["peak_bytes"] / 1e9:>8.2f} {temp:>11.2f} '
-          f'{r["flops_per_step"] / 1e9:>10.1f} {r["achieved_flops_per_s"] / 1e9:>8.1f} '
-          f'{frac:>7}')
+    print(f'{r["method"]:8} {r["batch_size"]:>5} {int(r["remat"]):>5} {r["cache"]:>5} '
+          f'{r["compile_s"]:>9.1f} {r["step_s"]:>7.2f} {r["images_per_s"]:>7.1f} '
+          f'{gb(r["peak_bytes"]):>8.2f} {gb(r["compile_peak_bytes"]):>10.2f} '
+          f'{gb(r["xla_temp_bytes"]):>11.2f} {r["flops_per_step"] / 1e9:>10.1f} '
+          f'{r["achieved_flops_per_s"] / 1e9:>8.1f} {frac:>7}')
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump(records, f, indent=2)

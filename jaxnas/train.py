@@ -330,6 +330,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   model = build_model(config, genotype, train_set.num_classes)
   tx = make_optimizer(config, steps_per_epoch)
   state = create_state(model, train_set.image_shape, tx, config.seed, mesh)
+  search.release_host_memory()
 
   # --- checkpoint: resume where the last run stopped.
   manager = ckpt_lib.manager(workdir, config.checkpoints_to_keep)
@@ -353,6 +354,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
                     in_shardings=(rep, rows), out_shardings=(rep, rep), donate_argnums=0
                     ).lower(state, parallel.shard_batch(batches.batch(0), mesh)).compile()
   compile_s = time.perf_counter() - t0
+  search.release_host_memory()
   eval_fn = jax.jit(make_eval_step(model), in_shardings=(rep, rep, rows), out_shardings=rep)
   eval_batch_size = parallel.padded_batch_size(config.eval_batch_size, mesh.size)
   print(f'Compiled the training step in {compile_s:.1f} s for {mesh.size} device(s) (setup '

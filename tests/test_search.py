@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -293,3 +294,24 @@ def test_cli_missing_config_file_is_one_clear_line(tmp_path):
   out = run_main('--config=configs/no_such_config.py', f'--workdir={tmp_path}')
   assert out.returncode == 1 and 'Traceback' not in out.stderr
   assert 'no_such_config.py' in out.stderr
+
+
+def _rss_bytes() -> int:
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/statm') or
+                    platform.libc_ver()[0] != 'glibc', reason='needs Linux with glibc')
+def test_release_host_memory_hands_freed_heap_back():
+  # Freed blocks between live ones stay in the process until the heap is trimmed, as a
+  # compiler's freed working memory does.
+  blocks = [bytearray(2048) for _ in range(100_000)]  # ~200 MB of heap allocations
+  survivors = blocks[::64]
+  del blocks
+  before = _rss_bytes()
+  search.release_host_memory()
+  after = _rss_bytes()
+  assert search._malloc_trim() is not None
+  assert before - after > 100e6, (before, after)
+  assert len(survivors) == 1563
