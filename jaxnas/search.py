@@ -376,8 +376,8 @@ def release_host_memory() -> None:
 
   XLA's compiler frees its working memory when a compilation ends, but the C allocator
   keeps it in the process, so a search would hold its compile-time peak for its whole
-  run. Called after the state is created and after the steps are compiled. On this CPU
-  with the PC-DARTS CIFAR step loaded from the compilation cache, the resident memory
+  run. Called after the state is created and after the steps are compiled. On a 2-core
+  CPU with the PC-DARTS CIFAR step loaded from the compilation cache, the resident memory
   before the first step goes from 3.6 GB to 1.9 GB."""
   gc.collect()
   trim = _malloc_trim()
