@@ -16,7 +16,8 @@ batches and reports:
   xla_temp_bytes / xla_argument_bytes   XLA's compiled memory analysis
   flops_per_step XLA's cost analysis of the compiled step; achieved FLOP/s and, where the
                  device peak is known (--peak_flops or the table below), the fraction of it
-  compile_s      lowering + XLA compilation. --cache=cold (the default): persistent
+  compile_s      lowering + XLA compilation (lower_s of it lowering; state_s: creating
+                 the state, not included). --cache=cold (the default): persistent
                  compilation cache off. --cache=warm: a first process fills a fresh cache
                  and the measured one loads the step from it, as a resumed or repeated
                  search does (jaxnas caches compiled steps under ~/.cache/jaxnas/xla)
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -40,6 +42,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {'pcdarts': 'configs/pcdarts_cifar.py', 'darts': 'configs/darts_cifar.py'}
 # Dense float32 peaks (FLOP/s) of accelerators, for the fraction-of-peak column.
 PEAK_FP32 = {'H100': 67e12, 'H200': 67e12, 'A100': 19.5e12, 'V100': 15.7e12}
+
+
+def progress(message: str) -> None:
+  """A timestamped stage line on stderr: where a slow or failing setting spent its time."""
+  print(f'[{time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
 
 
 def run_setting(method: str, batch_size: int, remat: bool, steps: int,
@@ -67,7 +74,10 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   model = search.build_model(config, 10, mesh.size)
   steps_per_epoch = 50000 // 2 // batch_size
   weight_tx, arch_tx = search.make_optimizers(config, steps_per_epoch)
+  start = time.perf_counter()
+  progress(f'{method} batch {batch_size} on {jax.devices()[0].device_kind}: creating the state')
   state = search.create_state(model, shape, weight_tx, arch_tx, seed=0, mesh=mesh)
+  state_s = time.perf_counter() - start
   search.release_host_memory()  # as a search does, here and after compiling
   rng = np.random.default_rng(0)
 
@@ -79,9 +89,14 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   train, val = batch(), batch()
   step = search.jit_search_step(
       search.make_search_step(model, weight_tx, arch_tx, config, steps_per_epoch), mesh)
+  progress(f'state created in {state_s:.1f} s; lowering the search step')
   t0 = time.perf_counter()
-  compiled = step.lower(state, train, val).compile()
+  lowered = step.lower(state, train, val)
+  lower_s = time.perf_counter() - t0
+  progress(f'lowered in {lower_s:.1f} s; compiling')
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  progress(f'compiled in {compile_s - lower_s:.1f} s; timing {steps} steps after a warm-up')
   compile_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
   memory = compiled.memory_analysis()
@@ -120,12 +135,30 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
       'xla_argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
       'flops_per_step': flops, 'achieved_flops_per_s': achieved,
       'fraction_of_peak': achieved / peak if peak else None,
-      'compile_s': compile_s, 'cache': 'warm' if cache_dir else 'cold',
+      'compile_s': compile_s, 'lower_s': lower_s, 'state_s': state_s, 'cache': 'warm' if cache_dir else 'cold',
       'compile_peak_bytes': compile_peak_bytes if device.platform == 'cpu' else None,
       'backend': device.platform, 'device': device.device_kind,
       'devices': jax.device_count(), 'host': platform.node(), 'cpus': os.cpu_count(),
       'loss_finite': bool(np.isfinite(float(metrics['train_loss']))),
   }
+
+
+HEADER = (f'{"method":8} {"batch":>5} {"remat":>5} {"cache":>5} {"compile s":>9} '
+          f'{"step s":>7} {"img/s":>7} {"peak GB":>8} {"compile GB":>10} {"xla temp GB":>11} '
+          f'{"GFLOP/step":>10} {"GFLOP/s":>8} {"of peak":>7}')
+
+
+def row(r: dict) -> str:
+  """One line of the printed table for a record."""
+  head = f'{r["method"]:8} {r["batch_size"]:>5} {int(r["remat"]):>5} {r["cache"]:>5}'
+  if 'error' in r:
+    return head + ' failed'
+  gb = lambda b: b / 1e9 if b is not None else float('nan')  # noqa: E731
+  frac = f'{100 * r["fraction_of_peak"]:.1f}%' if r['fraction_of_peak'] else 'n/a'
+  return (f'{head} {r["compile_s"]:>9.1f} {r["step_s"]:>7.3f} {r["images_per_s"]:>7.1f} '
+          f'{gb(r["peak_bytes"]):>8.2f} {gb(r["compile_peak_bytes"]):>10.2f} '
+          f'{gb(r["xla_temp_bytes"]):>11.2f} {r["flops_per_step"] / 1e9:>10.1f} '
+          f'{r["achieved_flops_per_s"] / 1e9:>8.1f} {frac:>7}')
 
 
 def main():
@@ -158,57 +191,60 @@ def main():
     if method not in CONFIGS:
       sys.exit(f'--methods: unknown method {method!r}; choose from {sorted(CONFIGS)}.')
 
-  def child(method, batch_size, remat, cache_dir):
-    """Runs one setting in a fresh process: (record, None) or (None, error lines)."""
+  def child(method, batch_size, remat, cache_dir, label):
+    """Runs one setting in a fresh process: (record, None) or (None, error lines).
+
+    The child's stage lines are echoed as they come; its whole stderr goes to a log
+    file beside --out, named in the error of a failed setting."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='')
-    out = subprocess.run(
+    log_path = f'{os.path.splitext(args.out)[0]}.{label}.log'
+    with open(log_path, 'w') as log, subprocess.Popen(
         [sys.executable, __file__, f'--child={method}:{batch_size}:{remat}:{cache_dir}',
          f'--steps={args.steps}', f'--peak_flops={args.peak_flops}'],
-        capture_output=True, text=True, env=env)
-    lines = [l for l in out.stdout.splitlines() if l.startswith('RECORD ')]
-    if out.returncode or not lines:
-      tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-      return None, [f'exit {out.returncode}'] + tail
-    return json.loads(lines[-1][len('RECORD '):]), None
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+      lines = []
+      for line in proc.stdout:
+        log.write(line)
+        if line.startswith('['):
+          print('   ' + line.rstrip(), flush=True)
+        lines.append(line.rstrip())
+    records = [l for l in lines if l.startswith('RECORD ')]
+    if proc.returncode or not records:
+      # XLA's fatal errors are log lines starting 'F<date>'; Python's end the output.
+      fatal = [l for l in lines
+               if re.match(r'F\d{4} ', l) or 'Check failed' in l or re.search(r'\w+Error:', l)]
+      return None, [f'exit {proc.returncode}'] + (fatal[:3] or lines[-3:]) + [f'log: {log_path}']
+    os.remove(log_path)
+    return json.loads(records[-1][len('RECORD '):]), None
 
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   records = []
   for method in args.methods.split(','):
     for batch_size in (int(b) for b in args.batch_sizes.split(',')):
       for remat in args.remat.split(','):
         for cache in args.cache.split(','):
           print(f'== {method} batch {batch_size} remat {remat} cache {cache} ...', flush=True)
+          label = f'{method}_b{batch_size}_remat{remat}_{cache}'
           with tempfile.TemporaryDirectory(prefix='jaxnas-bench-cache-') as cache_dir:
             error = None
             if cache == 'warm':  # the first process compiles and fills the cache
-              _, error = child(method, batch_size, remat, cache_dir)
+              _, error = child(method, batch_size, remat, cache_dir, f'{label}_fill')
             if error is None:
               record, error = child(method, batch_size, remat,
-                                    cache_dir if cache == 'warm' else '')
+                                    cache_dir if cache == 'warm' else '', label)
           if error is not None:
             print(f'   failed: {" / ".join(error)}', flush=True)
             records.append({'method': method, 'batch_size': batch_size,
                             'remat': remat == '1', 'cache': cache, 'error': error})
-            continue
-          records.append(record)
+          else:
+            records.append(record)
+            print('   ' + HEADER + '\n   ' + row(record), flush=True)
+          with open(args.out, 'w') as f:  # after every setting: a stopped run keeps its rows
+            json.dump(records, f, indent=2)
 
-  header = (f'{"method":8} {"batch":>5} {"remat":>5} {"cache":>5} {"compile s":>9} '
-            f'{"step s":>7} {"img/s":>7} {"peak GB":>8} {"compile GB":>10} {"xla temp GB":>11} '
-            f'{"GFLOP/step":>10} {"GFLOP/s":>8} {"of peak":>7}')
-  print(header)
-  gb = lambda b: b / 1e9 if b is not None else float('nan')  # noqa: E731
+  print(HEADER)
   for r in records:
-    if 'error' in r:
-      print(f'{r["method"]:8} {r["batch_size"]:>5} {int(r["remat"]):>5} {r["cache"]:>5} failed')
-      continue
-    frac = f'{100 * r["fraction_of_peak"]:.1f}%' if r['fraction_of_peak'] else 'n/a'
-    print(f'{r["method"]:8} {r["batch_size"]:>5} {int(r["remat"]):>5} {r["cache"]:>5} '
-          f'{r["compile_s"]:>9.1f} {r["step_s"]:>7.2f} {r["images_per_s"]:>7.1f} '
-          f'{gb(r["peak_bytes"]):>8.2f} {gb(r["compile_peak_bytes"]):>10.2f} '
-          f'{gb(r["xla_temp_bytes"]):>11.2f} {r["flops_per_step"] / 1e9:>10.1f} '
-          f'{r["achieved_flops_per_s"] / 1e9:>8.1f} {frac:>7}')
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(records, f, indent=2)
+    print(row(r))
   print(f'Wrote {args.out}')
 
 

@@ -99,6 +99,21 @@ def test_distributed_initialize_only_when_multi_host(monkeypatch):
   assert calls == [1]
 
 
+
+@pytest.mark.parametrize('cpus, user_flags, expected', [
+    (2, '', '--xla_cpu_parallel_codegen_split_count=1 --xla_gpu_enable_triton_gemm=false'),
+    (16, '', '--xla_gpu_enable_triton_gemm=false'),
+    (2, '--xla_gpu_enable_triton_gemm=true --xla_cpu_parallel_codegen_split_count=4',
+     '--xla_gpu_enable_triton_gemm=true --xla_cpu_parallel_codegen_split_count=4'),
+])
+def test_compilation_flags_are_added_unless_the_user_set_them(monkeypatch, cpus, user_flags,
+                                                              expected):
+  import jaxnas  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(os, 'cpu_count', lambda: cpus)
+  monkeypatch.setenv('XLA_FLAGS', user_flags)
+  jaxnas._tune_compilation()  # pylint: disable=protected-access
+  assert os.environ['XLA_FLAGS'] == expected
+
 @pytest.mark.parametrize('groups, grouped', [(1, False), (4, False), (2, True)])
 def test_batch_norm_per_group_statistics_match_the_formula(groups, grouped):
   x = np.random.default_rng(groups).normal(1.0, 2.0, size=(2, 8, 3, 3, 5)).astype(np.float32)
