@@ -24,7 +24,10 @@ batches and reports:
   compile_peak_bytes  process RSS right after compilation (CPU): how much of the peak
                  is the compiler's rather than the step's
 
-A table is printed and the records are written as JSON (the path is printed).
+Each setting's stages (state creation, lowering, compilation, timing) are printed with
+timestamps as they finish. A table is printed and the records are written as JSON (the
+path is printed) after every setting; a failed setting's record holds its fatal lines and
+the path of its whole log, kept beside the JSON.
 """
 
 import argparse
@@ -135,7 +138,8 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
       'xla_argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
       'flops_per_step': flops, 'achieved_flops_per_s': achieved,
       'fraction_of_peak': achieved / peak if peak else None,
-      'compile_s': compile_s, 'lower_s': lower_s, 'state_s': state_s, 'cache': 'warm' if cache_dir else 'cold',
+      'compile_s': compile_s, 'lower_s': lower_s, 'state_s': state_s,
+      'cache': 'warm' if cache_dir else 'cold',
       'compile_peak_bytes': compile_peak_bytes if device.platform == 'cpu' else None,
       'backend': device.platform, 'device': device.device_kind,
       'devices': jax.device_count(), 'host': platform.node(), 'cpus': os.cpu_count(),
@@ -194,8 +198,8 @@ def main():
   def child(method, batch_size, remat, cache_dir, label):
     """Runs one setting in a fresh process: (record, None) or (None, error lines).
 
-    The child's stage lines are echoed as they come; its whole stderr goes to a log
-    file beside --out, named in the error of a failed setting."""
+    The child's stage lines are echoed as they come; all its output goes to a log file
+    beside --out, kept (and named in the error) when the setting fails."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='')
     log_path = f'{os.path.splitext(args.out)[0]}.{label}.log'
     with open(log_path, 'w') as log, subprocess.Popen(
