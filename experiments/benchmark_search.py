@@ -212,14 +212,14 @@ def main():
         if line.startswith('['):
           print('   ' + line.rstrip(), flush=True)
         lines.append(line.rstrip())
-    records = [l for l in lines if l.startswith('RECORD ')]
-    if proc.returncode or not records:
+    record_lines = [l for l in lines if l.startswith('RECORD ')]
+    if proc.returncode or not record_lines:
       # XLA's fatal errors are log lines starting 'F<date>'; Python's end the output.
       fatal = [l for l in lines
                if re.match(r'F\d{4} ', l) or 'Check failed' in l or re.search(r'\w+Error:', l)]
       return None, [f'exit {proc.returncode}'] + (fatal[:3] or lines[-3:]) + [f'log: {log_path}']
     os.remove(log_path)
-    return json.loads(records[-1][len('RECORD '):]), None
+    return json.loads(record_lines[-1][len('RECORD '):]), None
 
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   records = []
