@@ -48,6 +48,35 @@ def test_channel_shuffle_k4_c8_explicit():
   np.testing.assert_array_equal(y, [0, 2, 4, 6, 1, 3, 5, 7])
 
 
+
+@pytest.mark.parametrize('by_matmul', (False, True))
+@pytest.mark.parametrize('start,stop', [(0, 4), (4, 16), (3, 9)])
+def test_take_channels_is_the_slice_in_value_and_gradient(start, stop, by_matmul):
+  rng = np.random.default_rng(start + stop)
+  x = jnp.asarray(rng.normal(size=(2, 3, 3, 16)), jnp.float32)
+  ct = jnp.asarray(rng.normal(size=(2, 3, 3, stop - start)), jnp.float32)
+  y, vjp = jax.vjp(lambda t: pc.take_channels(t, start, stop, by_matmul), x)
+  np.testing.assert_array_equal(y, np.asarray(x)[..., start:stop])
+  expected = np.zeros(x.shape, np.float32)
+  expected[..., start:stop] = ct
+  np.testing.assert_array_equal(vjp(ct)[0], expected)
+
+
+@pytest.mark.parametrize('by_matmul', (False, True))
+@pytest.mark.parametrize('widths,groups', [((4, 12), 4), ((8, 8), 2), ((2, 2, 2), 3)])
+def test_shuffle_concat_is_shuffle_of_concat(widths, groups, by_matmul):
+  rng = np.random.default_rng(sum(widths))
+  parts = [jnp.asarray(rng.normal(size=(2, 3, w)), jnp.float32) for w in widths]
+  fn = lambda *ps: pc.shuffle_concat(ps, groups, by_matmul)  # noqa: E731
+  y, vjp = jax.vjp(fn, *parts)
+  np.testing.assert_array_equal(y, _shuffle_ref(np.concatenate(parts, -1), groups))
+  # The gradient is the inverse permutation, split back into the parts.
+  ct = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  unshuffled = np.split(np.asarray(pc.channel_shuffle(ct, sum(widths) // groups)),
+                        np.cumsum(widths)[:-1], -1)
+  for got, want in zip(vjp(ct), unshuffled):
+    np.testing.assert_array_equal(got, want)
+
 @pytest.mark.parametrize('num_edges,c,k', [(5, 16, 4), (3, 8, 4), (4, 8, 2), (2, 8, 1)])
 def test_sample_channels_distinct_sorted_in_range(num_edges, c, k):
   idx = np.asarray(pc.sample_channels(jax.random.key(3), num_edges, c, k))

@@ -356,16 +356,19 @@ def _cell_ref(v, s0, s1, opw, ew, k, sampling, reduction, channels):
   return np.concatenate(states[2:], -1)
 
 
-@pytest.mark.parametrize('k,sampling,reduction', [
-    (1, 'shuffle', False), (1, 'shuffle', True), (4, 'shuffle', False),
-    (4, 'shuffle', True), (4, 'random', False), (4, 'random', True)])
-def test_search_cell_matches_reference(k, sampling, reduction, random_variables):
+@pytest.mark.parametrize('k,sampling,reduction,impl', [
+    (1, 'shuffle', False, 'auto'), (1, 'shuffle', True, 'auto'),
+    (4, 'shuffle', False, 'shifted'), (4, 'shuffle', True, 'shifted'),
+    (4, 'shuffle', False, 'xla'), (4, 'shuffle', True, 'xla'),
+    (4, 'random', False, 'auto'), (4, 'random', True, 'auto')])
+def test_search_cell_matches_reference(k, sampling, reduction, impl, random_variables):
+  # impl 'shifted' selects and shuffles the partial channels by matmuls, 'xla' by slicing.
   s0, s1 = _x((2, 8, 8, 6), seed=40), _x((2, 8, 8, 5), seed=41)
   skip_w = np.random.default_rng(42).uniform(0.3, 0.9, 14)
   opw = jnp.asarray(np.stack([1 - skip_w, skip_w], -1), jnp.float32)
   ew = _weights((14,), 43)
   cell = darts.SearchCell(C, reduction, reduction_prev=False, train=True, k=k,
-                          sampling=sampling, primitives=CELL_PRIMS)
+                          sampling=sampling, primitives=CELL_PRIMS, impl=impl)
   rngs = {'params': jax.random.key(0), 'channels': jax.random.key(1)}
   v = random_variables(cell, s0, s1, opw, ew, rngs=rngs)
   run = _applier(cell, capture=lambda mdl, _: isinstance(mdl, darts.EdgeGroup))

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxnas import genotypes
 from jaxnas import partial_channels as pc
+from jaxnas.ops import depthwise as depthwise_lib
 from jaxnas.ops import primitives as ops
 
 PRIMITIVES = genotypes.PRIMITIVES
@@ -36,6 +37,13 @@ def edge_index(node: int, source: int) -> int:
 def edges_from(source: int, steps: int) -> list[tuple[int, int]]:
   """(node, edge index) of every edge that leaves state ``source``."""
   return [(i, edge_index(i, source)) for i in range(max(0, source - 1), steps)]
+
+
+def matmul_channels(impl: str) -> bool:
+  """Whether partial-channel slices and shuffles are computed as matmuls with 0/1
+  matrices (``partial_channels.take_channels``): on the CPU path, where the depthwise
+  convs are the fused shifted sums that a slice's padding would slow down."""
+  return depthwise_lib.resolve_impl(impl) == 'shifted'
 
 
 # (kernel size, dilation, stacked blocks) of the conv primitives.
@@ -142,8 +150,9 @@ class EdgeGroup(nn.Module):
       x, x_axis = s, None
     elif self.sampling == 'shuffle':
       # Reference: the first C/K channels go through the mixed op.
-      x, x_axis = s[..., :c], None
-      bypass = pool(s[..., c:])
+      by_matmul = matmul_channels(self.impl)
+      x, x_axis = pc.take_channels(s, 0, c, by_matmul), None
+      bypass = pool(pc.take_channels(s, c, self.features, by_matmul))
     else:
       # Fixed-size gather of C/K channels per edge: static shapes, fresh every call.
       channels = pc.sample_channels(self.make_rng('channels'), self.num_edges, self.features,
@@ -217,7 +226,7 @@ class SearchCell(nn.Module):
       # The shuffle is a fixed permutation, so summing before it is exact and cheaper.
       mixed = sum(edge_weights[e] * m for m, _, _, e in parts)
       bypass = sum(edge_weights[e] * b for _, b, _, e in parts)
-      return pc.channel_shuffle(jnp.concatenate([mixed, bypass], -1), k)
+      return pc.shuffle_concat([mixed, bypass], k, matmul_channels(self.impl))
     total = 0.0
     for mixed, bypass, idx, e in parts:
       keep = 1.0 - jnp.zeros((C,), bypass.dtype).at[idx].set(1.0)
