@@ -48,7 +48,6 @@ def test_channel_shuffle_k4_c8_explicit():
   np.testing.assert_array_equal(y, [0, 2, 4, 6, 1, 3, 5, 7])
 
 
-
 @pytest.mark.parametrize('by_matmul', (False, True))
 @pytest.mark.parametrize('start,stop', [(0, 4), (4, 16), (3, 9)])
 def test_take_channels_is_the_slice_in_value_and_gradient(start, stop, by_matmul):
@@ -76,6 +75,7 @@ def test_shuffle_concat_is_shuffle_of_concat(widths, groups, by_matmul):
                         np.cumsum(widths)[:-1], -1)
   for got, want in zip(vjp(ct), unshuffled):
     np.testing.assert_array_equal(got, want)
+
 
 @pytest.mark.parametrize('num_edges,c,k', [(5, 16, 4), (3, 8, 4), (4, 8, 2), (2, 8, 1)])
 def test_sample_channels_distinct_sorted_in_range(num_edges, c, k):
