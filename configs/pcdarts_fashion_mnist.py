@@ -13,9 +13,10 @@ Measured on a 2-core AMD EPYC VM (jax 0.10.2, CPU), cold compilation cache, in a
 clone: 13 min 17 s wall with the install (145 s of it setup: 104 s compiling the search
 step, 14 s the eval step), about 100 images/s once arch updates start; supernet accuracy
 on the held-out arch split 84.9 %; genotype with sep/dil convs in both cells (not
-degenerate). With the partial channels selected by matmuls (the current CPU path): 85.1 %,
-sep convs in both cells and max pools in the reduction cell. ``:smoke`` runs in about a
-minute cold (46 s measured), 13 s with a warm compilation cache.
+degenerate). With the current CPU path (partial channels selected by matmuls, the
+depthwise weight gradient taken from the cotangent): 85.1 %, sep convs in both cells and
+max pools in the reduction cell. ``:smoke`` runs in about a minute cold (46 s measured),
+13 s with a warm compilation cache.
 """
 
 from jaxnas import base_config
