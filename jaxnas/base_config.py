@@ -40,7 +40,7 @@ def search_config() -> ml_collections.ConfigDict:
   c.model.channel_sampling = 'shuffle'  # 'shuffle' (reference) | 'random'
   c.model.edge_normalization = True
   c.model.depthwise_impl = 'auto'       # 'auto' | 'xla' | 'shifted'
-  c.model.remat = False
+  c.model.remat = False  # recompute each cell in the backward pass (less memory, slower)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.batch_size = 256

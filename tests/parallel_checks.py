@@ -35,9 +35,10 @@ def max_diff(a, b) -> float:
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def one_step(num_devices, batch_norm, batches):
+def one_step(num_devices, batch_norm, batches, remat=False):
   """State and metrics after one search step (arch + weight phase) on a fresh state."""
   config = tiny_config()
+  config.model.remat = remat
   config.optim.arch_warmup_epochs = 0  # the arch phase runs at step 0
   config.parallel.batch_norm = batch_norm
   mesh = parallel.make_mesh(num_devices)
@@ -60,6 +61,7 @@ def check_step() -> dict:
   one, m_one = one_step(1, 'sync', batches)
   eight, m_eight = one_step(8, 'sync', batches)
   per_device, m_per_device = one_step(8, 'per_device', batches)
+  remat, _ = one_step(8, 'sync', batches, remat=True)
   out = {
       'devices': jax.device_count(),
       'sync_params_diff': max_diff(one.params, eight.params),
@@ -73,6 +75,9 @@ def check_step() -> dict:
       'per_device_loss_8': m_per_device['train_loss'],
       'per_device_batch_stats_diff': max_diff(per_device.batch_stats, eight.batch_stats),
       'per_device_params_diff': max_diff(per_device.params, eight.params),
+      'remat_params_diff': max_diff(remat.params, one.params),
+      'remat_arch_diff': max_diff(remat.arch, one.arch),
+      'remat_batch_stats_diff': max_diff(remat.batch_stats, one.batch_stats),
   }
 
   # One BN layer with per-device statistics, sharded over 8 devices, against the formula.

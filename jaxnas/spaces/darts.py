@@ -21,6 +21,7 @@ from jaxnas import genotypes
 from jaxnas import partial_channels as pc
 from jaxnas.ops import depthwise as depthwise_lib
 from jaxnas.ops import primitives as ops
+from jaxnas.ops import recompute as recompute_lib
 
 PRIMITIVES = genotypes.PRIMITIVES
 
@@ -255,7 +256,7 @@ class SearchNetwork(nn.Module):
   edge_normalization: bool = False
   primitives: tuple[str, ...] = PRIMITIVES
   impl: str = 'auto'
-  remat: bool = False
+  remat: bool = False  # cells recomputed in the backward pass (ops.recompute)
   bn_groups: int = 1
 
   def arch_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -291,7 +292,7 @@ class SearchNetwork(nn.Module):
     s0, s1 = stem_layers(x, train, self.stem, self.C, self.stem_multiplier, self.bn_groups)
     C_curr = self.C
     reduction_prev = self.stem == 'imagenet'
-    cell_cls = nn.remat(SearchCell, static_argnums=()) if self.remat else SearchCell
+    cell_cls = recompute_lib.recompute(SearchCell) if self.remat else SearchCell
     for i in range(self.layers):
       reduction = i in (self.layers // 3, 2 * self.layers // 3)
       if reduction:
