@@ -181,6 +181,21 @@ def test_max_pool_2x2_ceil_mode(size):
   np.testing.assert_array_equal(y, ref)
 
 
+def test_scale_value_and_derivatives_equal_the_plain_product():
+  x, w = _x((3, 5, 4), seed=6), jnp.float32(0.7)
+  np.testing.assert_array_equal(ops.scale(x, w), x * w)
+  f = lambda mul: lambda x, w: jnp.sum(jnp.sin(mul(x, w)) * x)  # noqa: E731
+  plain = lambda x, w: x * w  # noqa: E731
+  grad = lambda mul: jax.grad(f(mul), (0, 1))  # noqa: E731
+  chex.assert_trees_all_close(jax.jit(grad(ops.scale))(x, w), grad(plain)(x, w), rtol=1e-6)
+  # Second order, and per-edge weights under vmap (the supernet's stacked edges).
+  hess = lambda mul: jax.grad(lambda w: jnp.sum(grad(mul)(x, w)[0] ** 2))  # noqa: E731
+  np.testing.assert_allclose(hess(ops.scale)(w), hess(plain)(w), rtol=1e-5)
+  ws = jnp.asarray([0.2, -1.0, 3.0], jnp.float32)
+  chex.assert_trees_all_close(jax.vmap(grad(ops.scale))(x, ws), jax.vmap(grad(plain))(x, ws),
+                              rtol=1e-6)
+
+
 # --- BatchNorm ------------------------------------------------------------------------
 
 

@@ -483,6 +483,31 @@ def test_search_network_forward_random_sampling(random_variables):
   chex.assert_trees_all_close(remat_new, new, rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_path_gradients_equal_the_xla_path(random_variables):
+  # impl 'shifted' (the CPU path: shifted-sum depthwise convs, matmul channel selection,
+  # ops.scale for the mixing weights) against 'xla' (grouped convs, slices, products), in
+  # float64 so that the two summation orders agree to far below any wrong rule's error.
+  net = darts.SearchNetwork(10, C=4, layers=3, k=4, sampling='shuffle',
+                            edge_normalization=True, impl='xla')
+  x = _x((2, 8, 8, 3), seed=51)
+  v = random_variables(net, x, True, rngs=RNGS)
+  with jax.enable_x64(True):
+    v64, x64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (v, x))
+
+    def grads(module):
+      def loss(params, arch):
+        logits, _ = module.apply({**v64, 'params': params, 'arch': arch}, x64, True,
+                                 rngs={'channels': jax.random.key(3)},
+                                 mutable=['batch_stats'])
+        return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+      return jax.jit(jax.grad(loss, (0, 1)))(v64['params'], v64['arch'])
+
+    xla_grads = grads(net)
+    cpu_grads = grads(net.clone(impl='shifted'))
+  chex.assert_trees_all_close(cpu_grads, xla_grads, rtol=1e-7, atol=1e-9)
+  assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(xla_grads[1]))
+
+
 def test_mixing_weights():
   net = darts.SearchNetwork(10, edge_normalization=True)
   rng = np.random.default_rng(0)

@@ -47,6 +47,15 @@ def matmul_channels(impl: str) -> bool:
   return depthwise_lib.resolve_impl(impl) == 'shifted'
 
 
+def weighting(impl: str):
+  """How the mixing weights (op weights, edge weights) scale their arrays: on the CPU
+  path with ``ops.scale``, which keeps XLA:CPU from holding a full-size broadcast of
+  each weight from the forward to the backward pass; elsewhere a plain product."""
+  if depthwise_lib.resolve_impl(impl) == 'shifted':
+    return ops.scale
+  return lambda x, w: x * w
+
+
 # (kernel size, dilation, stacked blocks) of the conv primitives.
 CONV_OPS = {'sep_conv_3x3': (3, 1, 2), 'sep_conv_5x5': (5, 1, 2),
             'dil_conv_3x3': (3, 2, 1), 'dil_conv_5x5': (5, 2, 1)}
@@ -77,6 +86,7 @@ class MixedOp(nn.Module):
     if c != self.features:
       raise ValueError(f'MixedOp maps C to C channels; got {c} for {self.features}.')
     index = {name: i for i, name in enumerate(self.primitives)}
+    mul = weighting(self.impl)
     out = 0.0
 
     # Sep convs first: their first block's output continues into the second block.
@@ -88,23 +98,24 @@ class MixedOp(nn.Module):
       y = self._pointwise_bn(jnp.stack([self._depthwise(r, p, 0, s) for p in convs]),
                              'pw0', 'bn0')
       # Weighted sums over the group axis unroll into one elementwise loop each.
-      out = out + sum(weights[index[p]] * y[g] for g, p in enumerate(convs) if p not in seps)
+      out = out + sum(mul(y[g], weights[index[p]])
+                      for g, p in enumerate(convs) if p not in seps)
       if seps:
         second = [self._depthwise(nn.relu(y[g]), p, 1, 1) for g, p in enumerate(seps)]
         z = self._pointwise_bn(jnp.stack(second), 'pw1', 'bn1')
-        out = out + sum(weights[index[p]] * z[g] for g, p in enumerate(seps))
+        out = out + sum(mul(z[g], weights[index[p]]) for g, p in enumerate(seps))
 
     pools = [p for p in self.primitives if p in POOL_OPS]
     if pools:
       y = jnp.stack([POOL_OPS[p](x, 3, s, 1) for p in pools])
       y = ops.BatchNorm(self.train, grouped=True, batch_groups=self.bn_groups,
                         name='pool_bn')(y)
-      out = out + sum(weights[index[p]] * y[g] for g, p in enumerate(pools))
+      out = out + sum(mul(y[g], weights[index[p]]) for g, p in enumerate(pools))
 
     if 'skip_connect' in index:
       skip = x if s == 1 else ops.FactorizedReduce(c, bn_groups=self.bn_groups,
                                                    name='skip_connect')(x, self.train)
-      out = out + weights[index['skip_connect']] * skip
+      out = out + mul(skip, weights[index['skip_connect']])
     unknown = set(self.primitives) - set(CONV_OPS) - set(POOL_OPS) - {'skip_connect', 'none'}
     if unknown:
       raise ValueError(f'Unknown primitives {sorted(unknown)} in the DARTS space.')
@@ -220,19 +231,19 @@ class SearchCell(nn.Module):
 
   def _node(self, parts, edge_weights):
     """sum_j beta_j * edge_j; partial-channel edges are combined with their bypass."""
-    C, k = self.features, self.k
+    C, k, mul = self.features, self.k, weighting(self.impl)
     if k == 1:
-      return sum(edge_weights[e] * mixed for mixed, _, _, e in parts)
+      return sum(mul(mixed, edge_weights[e]) for mixed, _, _, e in parts)
     if self.sampling == 'shuffle':
       # The shuffle is a fixed permutation, so summing before it is exact and cheaper.
-      mixed = sum(edge_weights[e] * m for m, _, _, e in parts)
-      bypass = sum(edge_weights[e] * b for _, b, _, e in parts)
+      mixed = sum(mul(m, edge_weights[e]) for m, _, _, e in parts)
+      bypass = sum(mul(b, edge_weights[e]) for _, b, _, e in parts)
       return pc.shuffle_concat([mixed, bypass], k, matmul_channels(self.impl))
     total = 0.0
     for mixed, bypass, idx, e in parts:
       keep = 1.0 - jnp.zeros((C,), bypass.dtype).at[idx].set(1.0)
       edge = bypass * keep + pc.scatter_channels(mixed, idx, C)
-      total = total + edge_weights[e] * edge
+      total = total + mul(edge, edge_weights[e])
     return total
 
 
