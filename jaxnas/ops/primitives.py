@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnas.ops import depthwise as depthwise_lib
+from jaxnas.ops import recompute as recompute_lib
 
 # PyTorch's default conv/linear init (kaiming_uniform with a=sqrt(5)) is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)); keeping it keeps the reference's early dynamics.
@@ -109,8 +110,8 @@ def scale(x, w):
   factor among them becomes a full-size broadcast array. XLA shares that array with the
   backward pass's product g * w, so it lived from the forward to the backward pass: the
   edge weights in front of PC-DARTS's channel-shuffle matmuls alone kept 0.36 GB of such
-  arrays in the batch-256 search step. Here the backward's w is w + 0 * g[0], which XLA
-  can neither fold away nor merge with the forward's w.
+  arrays in the batch-256 search step. Here the backward's w is w + 0 * g[0]
+  (``recompute.after``), which XLA can neither fold away nor merge with the forward's w.
   """
   return x * w
 
@@ -121,8 +122,7 @@ def _scale_fwd(x, w):
 
 def _scale_bwd(residuals, g):
   x, w = residuals
-  w_again = w + (g.reshape(-1)[0] * 0).astype(w.dtype)
-  return g * w_again, jnp.sum(g * x).astype(w.dtype)
+  return g * recompute_lib.after(w, g), jnp.sum(g * x).astype(w.dtype)
 
 
 scale.defvjp(_scale_fwd, _scale_bwd)

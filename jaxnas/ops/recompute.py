@@ -28,8 +28,10 @@ def _first_float_element(tree) -> jax.Array:
   raise ValueError('recompute: the cotangent has no floating-point element to wait for.')
 
 
-def _after(tree, cotangent):
-  """``tree`` with every floating-point leaf made to depend on ``cotangent``."""
+def after(tree, cotangent):
+  """``tree`` with every floating-point leaf made to depend on ``cotangent`` (plus zero
+  times its first floating-point element): a value that XLA can neither compute before
+  the cotangent exists nor merge with ``tree`` itself."""
   zero = _first_float_element(cotangent) * 0
 
   def tie(leaf):
@@ -50,7 +52,7 @@ def _call_forward(fn, args):
 
 
 def _call_backward(fn, args, cotangent):
-  _, vjp = jax.vjp(fn, *_after(args, cotangent))
+  _, vjp = jax.vjp(fn, *after(args, cotangent))
   return (vjp(cotangent),)
 
 
