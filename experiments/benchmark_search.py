@@ -64,6 +64,7 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   from jaxnas import parallel
   from jaxnas import search
 
+  search.map_large_allocations()  # as a search does
   if cache_dir:
     search.setup_compilation_cache(cache_dir)
   spec = importlib.util.spec_from_file_location('cfg', os.path.join(REPO, CONFIGS[method]))

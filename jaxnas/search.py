@@ -372,12 +372,32 @@ def setup_compilation_cache(path: str) -> None:
 
 
 @functools.cache
-def _malloc_trim():
-  """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
+def _libc_function(name: str):
+  """glibc's function ``name`` (malloc_trim, mallopt), or None where the C library has
+  none (macOS, musl)."""
   try:
-    return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim
+    return getattr(ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6'), name)
   except (OSError, AttributeError):
     return None
+
+
+# glibc's mallopt parameter (malloc.h).
+_M_MMAP_THRESHOLD = -3
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+  """Has the C allocator serve blocks of ``threshold`` bytes and more by ``mmap``, so
+  that freeing one returns its memory to the system at once.
+
+  glibc starts at 128 KiB but raises the threshold, up to 32 MiB, each time a mapped
+  block is freed, after which such blocks come from the heaps and, once freed, stay
+  there for later requests that often do not fit them. XLA's compiler allocates and frees
+  many blocks of that size: compiling the PC-DARTS CIFAR search step at batch 64 on a
+  2-core CPU peaks at 3.7 GB of resident memory, 3.2 GB with a fixed 1 MiB threshold, in
+  about the same time. A no-op where the C library has no such setting."""
+  mallopt = _libc_function('mallopt')
+  if mallopt is not None:
+    mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 def release_host_memory() -> None:
@@ -389,7 +409,7 @@ def release_host_memory() -> None:
   CPU with the PC-DARTS CIFAR step loaded from the compilation cache, the resident memory
   before the first step goes from 3.6 GB to 1.9 GB."""
   gc.collect()
-  trim = _malloc_trim()
+  trim = _libc_function('malloc_trim')
   if trim is not None:
     trim(0)
 
@@ -427,6 +447,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   next call resumes from the last checkpoint); for notebooks and tests.
   """
   parallel.maybe_initialize_distributed(config)  # before anything touches the devices
+  map_large_allocations()  # a lower compile-time peak of host memory
   # --- checks: every user error surfaces here, before data loading or compilation.
   validate_config(config)
   check_data(config)

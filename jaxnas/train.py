@@ -295,6 +295,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   """Trains (or resumes training) the configured genotype in ``workdir``; returns the
   final summary. ``stop_at_step`` ends the run after that step, as an interruption."""
   parallel.maybe_initialize_distributed(config)  # before anything touches the devices
+  search.map_large_allocations()  # a lower compile-time peak of host memory
   # --- checks: every user error surfaces here, before data loading or compilation.
   genotype = validate_config(config)
   for split in ('train', 'test'):

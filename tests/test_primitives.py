@@ -181,6 +181,70 @@ def test_max_pool_2x2_ceil_mode(size):
   np.testing.assert_array_equal(y, ref)
 
 
+def _max_pool_grad_ref(x, g, window, stride, pad):
+  """Routes each output's cotangent to the first maximum of its window (row-major),
+  as PyTorch's max pool and XLA's select-and-scatter do; -inf padding."""
+  x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  n, h, w, c = x.shape
+  xp = np.full((n, h + 2 * pad + window, w + 2 * pad + window, c), -np.inf)
+  xp[:, pad:pad + h, pad:pad + w] = x
+  dx = np.zeros_like(xp)
+  for b, i, j, ch in itertools.product(*map(range, g.shape)):
+    win = xp[b, i * stride:i * stride + window, j * stride:j * stride + window, ch]
+    a, b2 = np.unravel_index(np.argmax(win), win.shape)  # argmax: the first maximum
+    dx[b, i * stride + a, j * stride + b2, ch] += g[b, i, j, ch]
+  return dx[:, pad:pad + h, pad:pad + w]
+
+
+@pytest.mark.parametrize('ties', (False, True))
+@pytest.mark.parametrize('window,stride,pad,size', [(3, 1, 1, 7), (3, 2, 1, 8), (3, 2, 1, 7),
+                                                    (2, 2, 0, 8), (2, 2, 0, 7)])
+def test_max_pool_gradient_goes_to_first_maximum(window, stride, pad, size, ties):
+  x = _x((2, size, size, 3), seed=size)
+  if ties:  # few distinct values: most windows hold their maximum more than once
+    x = jnp.round(x)
+  pool = ops.max_pool_2x2 if window == 2 else lambda t: ops.max_pool(t, window, stride, pad)
+  g = _x(pool(x).shape, seed=11)
+  dx = jax.jit(jax.grad(lambda t: jnp.sum(pool(t) * g)))(x)
+  np.testing.assert_allclose(dx, _max_pool_grad_ref(x, g, window, stride, pad), rtol=1e-6,
+                             atol=1e-6)
+  # The same as autodiff of lax.reduce_window, which goes through select-and-scatter.
+  ref_pool = lambda t: lax.reduce_window(  # noqa: E731
+      t, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
+      ((0, 0), (pad, pad + (size % 2 if window == 2 else 0)),
+       (pad, pad + (size % 2 if window == 2 else 0)), (0, 0)))
+  np.testing.assert_array_equal(pool(x), ref_pool(x))
+  np.testing.assert_allclose(dx, jax.grad(lambda t: jnp.sum(ref_pool(t) * g))(x), rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_max_pool_forward_mode_batching_and_second_order():
+  x = _x((3, 2, 6, 6, 4), seed=2)  # a leading (edge) axis
+  t = _x(x.shape, seed=3)
+  ref = lambda v: lax.reduce_window(  # noqa: E731
+      v, -jnp.inf, lax.max, (1, 1, 3, 3, 1), (1,) * 5, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+  chex.assert_trees_all_close(jax.jvp(ops.max_pool, (x,), (t,)), jax.jvp(ref, (x,), (t,)))
+  per_edge = jax.vmap(jax.grad(lambda v: jnp.sum(ops.max_pool(v) ** 2)))(x)
+  chex.assert_trees_all_close(per_edge, jax.grad(lambda v: jnp.sum(ref(v) ** 2))(x))
+  # Second order, as the unrolled DARTS arch gradient takes it.
+  hess = lambda pool: jax.grad(  # noqa: E731
+      lambda a: jnp.sum(jax.grad(lambda v: jnp.sum(pool(v * a) ** 2))(x) ** 2))(1.5)
+  np.testing.assert_allclose(hess(ops.max_pool), hess(ref), rtol=1e-5)
+
+
+def test_max_pool_backward_keeps_one_byte_per_output():
+  # Autodiff of lax.reduce_window keeps four int32 window coordinates per output for
+  # XLA:CPU's scatter, and a zeroed input-sized buffer; max_pool keeps an int8 index.
+  x = _x((4, 16, 32, 32, 4), seed=4)
+  ref = lambda v: lax.reduce_window(  # noqa: E731
+      v, -jnp.inf, lax.max, (1, 1, 3, 3, 1), (1,) * 5, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+  temp = {}
+  for name, pool in (('max_pool', ops.max_pool), ('reduce_window', ref)):
+    f = jax.jit(jax.grad(lambda v, pool=pool: jnp.sum(jnp.tanh(pool(v)))))
+    temp[name] = f.lower(x).compile().memory_analysis().temp_size_in_bytes
+  assert temp['max_pool'] < 0.5 * temp['reduce_window'], temp
+
+
 def test_scale_value_and_derivatives_equal_the_plain_product():
   x, w = _x((3, 5, 4), seed=6), jnp.float32(0.7)
   np.testing.assert_array_equal(ops.scale(x, w), x * w)

@@ -5,6 +5,7 @@ without scale and bias, and a non-affine BatchNorm after each pool. Evaluation m
 (``affine=True``) uses affine BatchNorm and no BN after pools.
 """
 
+import functools
 import math
 from typing import Callable
 
@@ -196,8 +197,63 @@ def _pool_padding(x, window, stride, pad):
 
 
 def max_pool(x, window: int = 3, stride: int = 1, pad: int = 1):
-  padding, dims, strides = _pool_padding(x, window, stride, pad)
-  return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, padding)
+  """window x window max pool of x [..., H, W, C], padded with -inf by ``pad``."""
+  return _max_pool(x, window, stride, ((pad, pad), (pad, pad)))
+
+
+def max_pool_2x2(x):
+  """2x2 stride-2 max pool, ceil mode (matches the strided ops' ceil(H/2) on odd sizes)."""
+  h, w = x.shape[-3], x.shape[-2]
+  return _max_pool(x, 2, 2, ((0, h % 2), (0, w % 2)))
+
+
+# Max pooling differentiates through the index of each window's first maximum (the
+# element PyTorch and XLA's select-and-scatter pick), kept as one int8 per output: the
+# tangent is the input tangent at that index, whose transpose is a sum of padded slices
+# that XLA fuses into one loop. Autodiff of `lax.reduce_window` goes through
+# select-and-scatter instead, which XLA:CPU runs as a scatter after a windowed argmax that
+# keeps four int32 coordinates per output element, plus a zeroed full-size buffer, from
+# the forward to the backward pass.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window: int, stride: int, padding):
+  lead = x.ndim - 3
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1,) * lead + (window, window, 1),
+                           (1,) * lead + (stride, stride, 1),
+                           ((0, 0),) * lead + tuple(padding) + ((0, 0),))
+
+
+def _pool_windows(x, window, stride, padding, fill):
+  """The strided [..., Ho, Wo, C] view of x padded with ``fill`` for each tap, row-major."""
+  lead = x.ndim - 3
+  xp = lax.pad(x, jnp.asarray(fill, x.dtype),
+               ((0, 0, 0),) * lead + tuple((lo, hi, 0) for lo, hi in padding) + ((0, 0, 0),))
+  ho = (xp.shape[-3] - window) // stride + 1
+  wo = (xp.shape[-2] - window) // stride + 1
+  return [lax.slice(xp, (0,) * lead + (i, j, 0),
+                    xp.shape[:lead] + (i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
+                                       x.shape[-1]),
+                    (1,) * lead + (stride, stride, 1))
+          for i in range(window) for j in range(window)]
+
+
+@_max_pool.defjvp
+def _max_pool_jvp(window, stride, padding, primals, tangents):
+  (x,), (tx,) = primals, tangents
+  # The maximum and the index of the first tap that reaches it, in one pass (a NaN
+  # wins over numbers, as in lax.max).
+  y = index = None
+  for t, tap in enumerate(_pool_windows(x, window, stride, padding, -jnp.inf)):
+    if y is None:
+      y, index = tap, jnp.zeros(tap.shape, jnp.int8)
+      continue
+    take = (tap > y) | (jnp.isnan(tap) & ~jnp.isnan(y))
+    y = jnp.where(take, tap, y)
+    index = jnp.where(take, jnp.int8(t), index)
+  ty = None
+  for t, tap in enumerate(_pool_windows(tx, window, stride, padding, 0)):
+    term = jnp.where(index == t, tap, jnp.zeros((), tap.dtype))
+    ty = term if ty is None else ty + term
+  return y, ty
 
 
 def avg_pool(x, window: int = 3, stride: int = 1, pad: int = 1):
@@ -207,13 +263,6 @@ def avg_pool(x, window: int = 3, stride: int = 1, pad: int = 1):
   ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
   count = lax.reduce_window(ones, 0.0, lax.add, dims, strides, padding)
   return total / count
-
-
-def max_pool_2x2(x):
-  """2x2 stride-2 max pool, ceil mode (matches the strided ops' ceil(H/2) on odd sizes)."""
-  h, w = x.shape[1], x.shape[2]
-  padding = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), padding)
 
 
 class Pool(nn.Module):

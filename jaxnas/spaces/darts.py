@@ -181,7 +181,8 @@ class EdgeGroup(nn.Module):
 
 
 class SearchCell(nn.Module):
-  """A DARTS search cell; ``op_weights`` (14, num_ops), ``edge_weights`` (14,)."""
+  """A DARTS search cell; ``op_weights`` (14, num_ops), ``edge_weights`` (14,) or None
+  (every edge weighs 1)."""
   features: int
   reduction: bool
   reduction_prev: bool
@@ -231,19 +232,24 @@ class SearchCell(nn.Module):
 
   def _node(self, parts, edge_weights):
     """sum_j beta_j * edge_j; partial-channel edges are combined with their bypass."""
-    C, k, mul = self.features, self.k, weighting(self.impl)
+    C, k = self.features, self.k
+    scale = weighting(self.impl)
+
+    def mul(x, e):  # x times the weight of edge e
+      return x if edge_weights is None else scale(x, edge_weights[e])
+
     if k == 1:
-      return sum(mul(mixed, edge_weights[e]) for mixed, _, _, e in parts)
+      return sum(mul(mixed, e) for mixed, _, _, e in parts)
     if self.sampling == 'shuffle':
       # The shuffle is a fixed permutation, so summing before it is exact and cheaper.
-      mixed = sum(mul(m, edge_weights[e]) for m, _, _, e in parts)
-      bypass = sum(mul(b, edge_weights[e]) for _, b, _, e in parts)
+      mixed = sum(mul(m, e) for m, _, _, e in parts)
+      bypass = sum(mul(b, e) for _, b, _, e in parts)
       return pc.shuffle_concat([mixed, bypass], k, matmul_channels(self.impl))
     total = 0.0
     for mixed, bypass, idx, e in parts:
       keep = 1.0 - jnp.zeros((C,), bypass.dtype).at[idx].set(1.0)
       edge = bypass * keep + pc.scatter_channels(mixed, idx, C)
-      total = total + mul(edge, edge_weights[e])
+      total = total + mul(edge, e)
     return total
 
 
@@ -311,7 +317,9 @@ class SearchNetwork(nn.Module):
       cell = cell_cls(C_curr, reduction, reduction_prev, train, self.steps, self.multiplier,
                       self.k, self.sampling, self.primitives, self.impl,
                       bn_groups=self.bn_groups, name=f'cell_{i}')
-      s0, s1 = s1, cell(s0, s1, *weights['reduce' if reduction else 'normal'])
+      op_w, edge_w = weights['reduce' if reduction else 'normal']
+      # Without edge normalization every edge weighs 1: the nodes are plain sums.
+      s0, s1 = s1, cell(s0, s1, op_w, edge_w if self.edge_normalization else None)
       reduction_prev = reduction
     out = jnp.mean(s1, axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=ops.torch_init,
