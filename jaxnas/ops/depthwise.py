@@ -161,12 +161,13 @@ def _transpose(geo: _Geometry, in_hw, k_hw) -> _Geometry:
 # ----------------------------------------------------------------------------
 
 
-def _taps(x, k_hw, geo: _Geometry):
-  """The padded input's strided window for each tap (i, j), row-major."""
+def _taps(x, k_hw, geo: _Geometry, fill=0):
+  """The padded input's strided window for each tap (i, j), row-major; the padding
+  and the interior dilation hold ``fill`` (zero for the convs)."""
   (kh, kw), d, s = k_hw, geo.rhs_dilation, geo.stride
   lead = x.ndim - 3  # Leading axes before H, W, C.
   interior = geo.lhs_dilation - 1
-  xp = lax.pad(x, jnp.zeros((), x.dtype),
+  xp = lax.pad(x, jnp.asarray(fill, x.dtype),
                ((0, 0, 0),) * lead
                + ((*geo.padding[0], interior), (*geo.padding[1], interior),
                   (0, 0, 0)))
@@ -177,6 +178,12 @@ def _taps(x, k_hw, geo: _Geometry):
                                       j * d + (wo - 1) * s + 1, x.shape[-1]),
                     (1,) * lead + (s, s, 1))
           for i in range(kh) for j in range(kw)]
+
+
+def pool_windows(x, window: int, stride: int, padding, fill):
+  """The strided [..., Ho, Wo, C] window of x, padded with ``fill`` by ``padding``
+  ((lo, hi) for H and W), for each tap of a window x window pool, row-major."""
+  return _taps(x, (window, window), _Geometry(stride, 1, 1, tuple(padding)), fill)
 
 
 def _conv_impl(x, w, *, geo: _Geometry):

@@ -222,27 +222,13 @@ def _max_pool(x, window: int, stride: int, padding):
                            ((0, 0),) * lead + tuple(padding) + ((0, 0),))
 
 
-def _pool_windows(x, window, stride, padding, fill):
-  """The strided [..., Ho, Wo, C] view of x padded with ``fill`` for each tap, row-major."""
-  lead = x.ndim - 3
-  xp = lax.pad(x, jnp.asarray(fill, x.dtype),
-               ((0, 0, 0),) * lead + tuple((lo, hi, 0) for lo, hi in padding) + ((0, 0, 0),))
-  ho = (xp.shape[-3] - window) // stride + 1
-  wo = (xp.shape[-2] - window) // stride + 1
-  return [lax.slice(xp, (0,) * lead + (i, j, 0),
-                    xp.shape[:lead] + (i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
-                                       x.shape[-1]),
-                    (1,) * lead + (stride, stride, 1))
-          for i in range(window) for j in range(window)]
-
-
 @_max_pool.defjvp
 def _max_pool_jvp(window, stride, padding, primals, tangents):
   (x,), (tx,) = primals, tangents
   # The maximum and the index of the first tap that reaches it, in one pass (a NaN
   # wins over numbers, as in lax.max).
   y = index = None
-  for t, tap in enumerate(_pool_windows(x, window, stride, padding, -jnp.inf)):
+  for t, tap in enumerate(depthwise_lib.pool_windows(x, window, stride, padding, -jnp.inf)):
     if y is None:
       y, index = tap, jnp.zeros(tap.shape, jnp.int8)
       continue
@@ -250,7 +236,7 @@ def _max_pool_jvp(window, stride, padding, primals, tangents):
     y = jnp.where(take, tap, y)
     index = jnp.where(take, jnp.int8(t), index)
   ty = None
-  for t, tap in enumerate(_pool_windows(tx, window, stride, padding, 0)):
+  for t, tap in enumerate(depthwise_lib.pool_windows(tx, window, stride, padding, 0)):
     term = jnp.where(index == t, tap, jnp.zeros((), tap.dtype))
     ty = term if ty is None else ty + term
   return y, ty
