@@ -4,7 +4,9 @@ r"""Search-step throughput, memory, FLOPs and compile time of the DARTS / PC-DAR
   python experiments/benchmark_search.py --methods=pcdarts --batch_sizes=256 --remat=0,1
   python experiments/benchmark_search.py --methods=pcdarts --cache=cold,warm
 
-Each (method, batch size) runs in its own process, so its peak memory is its own. A
+Each (method, batch size) runs in its own process, so its peak memory is its own, started
+as `python -m jaxnas.main` restarts itself (glibc's huge pages where they help:
+jaxnas/host_memory.py) and with the host allocator switched as a search switches it. A
 setting builds the paper's CIFAR-10 search config (configs/pcdarts_cifar.py or
 configs/darts_cifar.py: C=16, 8 cells, 32x32x3) at the given batch size, compiles the
 jitted search step (arch update + weight update, arch updates switched on) as a search
@@ -43,6 +45,8 @@ import sys
 import tempfile
 import time
 
+from jaxnas import host_memory
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {'pcdarts': 'configs/pcdarts_cifar.py', 'darts': 'configs/darts_cifar.py'}
 # Dense float32 peaks (FLOP/s) of accelerators, for the fraction-of-peak column.
@@ -64,7 +68,7 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   from jaxnas import parallel
   from jaxnas import search
 
-  search.map_large_allocations()  # as a search does
+  host_memory.map_large_allocations()  # as a search does
   if cache_dir:
     search.setup_compilation_cache(cache_dir)
   spec = importlib.util.spec_from_file_location('cfg', os.path.join(REPO, CONFIGS[method]))
@@ -84,7 +88,7 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   progress(f'{method} batch {batch_size} on {jax.devices()[0].device_kind}: creating the state')
   state = search.create_state(model, shape, weight_tx, arch_tx, seed=0, mesh=mesh)
   state_s = time.perf_counter() - start
-  search.release_host_memory()  # as a search does, here and after compiling
+  host_memory.release_host_memory()  # as a search does, here and after compiling
   rng = np.random.default_rng(0)
 
   def batch():
@@ -105,7 +109,8 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   progress(f'compiled in {compile_s - lower_s:.1f} s; timing {steps} steps after a warm-up')
   compile_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   del lowered  # a search keeps only the executable
-  search.release_host_memory()
+  host_memory.release_host_memory()
+  host_memory.reuse_freed_allocations()
 
   state, _ = compiled(state, train, val)  # warm-up
   jax.block_until_ready(state)
@@ -208,6 +213,7 @@ def main():
     The child's stage lines are echoed as they come; all its output goes to a log file
     beside --out, kept (and named in the error) when the setting fails."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR='')
+    env = host_memory.huge_pages_environ(env) or env  # as python -m jaxnas.main runs
     log_path = f'{os.path.splitext(args.out)[0]}.{label}.log'
     with open(log_path, 'w') as log, subprocess.Popen(
         [sys.executable, __file__, f'--child={method}:{batch_size}:{remat}:{cache_dir}',

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from jaxnas import checkpoint
 from jaxnas import data
 from jaxnas import genotypes
+from jaxnas import host_memory
 from jaxnas import search
 from jaxnas import summary as summary_lib
 from jaxnas import train
@@ -93,4 +94,5 @@ def parse_flags(argv):
 
 
 if __name__ == '__main__':
+  host_memory.relaunch_with_huge_pages()
   app.run(main, flags_parser=parse_flags)

@@ -6,10 +6,7 @@ new architecture. Weights and architecture parameters are separate pytrees with 
 optax states; everything a resumed run needs is in ``SearchState``.
 """
 
-import ctypes
-import ctypes.util
 import functools
-import gc
 import json
 import os
 import time
@@ -27,6 +24,7 @@ import optax
 from jaxnas import checkpoint as ckpt_lib
 from jaxnas import data as data_lib
 from jaxnas import genotypes
+from jaxnas import host_memory
 from jaxnas import metrics as metrics_lib
 from jaxnas import parallel
 from jaxnas import partial_channels
@@ -371,49 +369,6 @@ def setup_compilation_cache(path: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-@functools.cache
-def _libc_function(name: str):
-  """glibc's function ``name`` (malloc_trim, mallopt), or None where the C library has
-  none (macOS, musl)."""
-  try:
-    return getattr(ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6'), name)
-  except (OSError, AttributeError):
-    return None
-
-
-# glibc's mallopt parameter (malloc.h).
-_M_MMAP_THRESHOLD = -3
-
-
-def map_large_allocations(threshold: int = 1 << 20) -> None:
-  """Has the C allocator serve blocks of ``threshold`` bytes and more by ``mmap``, so
-  that freeing one returns its memory to the system at once.
-
-  glibc starts at 128 KiB but raises the threshold, up to 32 MiB, each time a mapped
-  block is freed, after which such blocks come from the heaps and, once freed, stay
-  there for later requests that often do not fit them. XLA's compiler allocates and frees
-  many blocks of that size: compiling the PC-DARTS CIFAR search step at batch 64 on a
-  2-core CPU peaks at 3.7 GB of resident memory, 3.2 GB with a fixed 1 MiB threshold, in
-  about the same time. A no-op where the C library has no such setting."""
-  mallopt = _libc_function('mallopt')
-  if mallopt is not None:
-    mallopt(_M_MMAP_THRESHOLD, threshold)
-
-
-def release_host_memory() -> None:
-  """Hands freed host memory back to the operating system.
-
-  XLA's compiler frees its working memory when a compilation ends, but the C allocator
-  keeps it in the process, so a search would hold its compile-time peak for its whole
-  run. Called after the state is created and after the steps are compiled. On a 2-core
-  CPU with the PC-DARTS CIFAR step loaded from the compilation cache, the resident memory
-  before the first step goes from 3.6 GB to 1.9 GB."""
-  gc.collect()
-  trim = _libc_function('malloc_trim')
-  if trim is not None:
-    trim(0)
-
-
 @jax.jit
 def all_finite(tree) -> jax.Array:
   """True if every leaf of ``tree`` is free of NaN and inf."""
@@ -447,7 +402,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   next call resumes from the last checkpoint); for notebooks and tests.
   """
   parallel.maybe_initialize_distributed(config)  # before anything touches the devices
-  map_large_allocations()  # a lower compile-time peak of host memory
+  host_memory.map_large_allocations()  # a lower compile-time peak of host memory
   # --- checks: every user error surfaces here, before data loading or compilation.
   validate_config(config)
   check_data(config)
@@ -485,7 +440,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   model = build_model(config, dataset.num_classes, mesh.size)
   weight_tx, arch_tx = make_optimizers(config, steps_per_epoch)
   state = create_state(model, dataset.image_shape, weight_tx, arch_tx, config.seed, mesh)
-  release_host_memory()
+  host_memory.release_host_memory()
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('supernet: %.3fM weights, arch params %s', n_params / 1e6,
                {k: v.shape for k, v in state.arch.items()})
@@ -508,7 +463,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
                                           jax.process_index(), jax.process_count())))
   eval_fn, eval_compile_s = _compile(jit_eval_step(make_eval_step(model), mesh), state,
                                      parallel.shard_batch(eval0, mesh))
-  release_host_memory()
+  host_memory.release_host_memory()
+  host_memory.reuse_freed_allocations()
   print(f'Compiled the search step in {compile_s:.1f} s and the eval step in '
         f'{eval_compile_s:.1f} s for {mesh.size} device(s) (setup '
         f'{time.perf_counter() - t_start:.1f} s).', flush=True)

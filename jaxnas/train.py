@@ -28,6 +28,7 @@ from jaxnas import data as data_lib
 from jaxnas import export
 from jaxnas import flops
 from jaxnas import genotypes
+from jaxnas import host_memory
 from jaxnas import metrics as metrics_lib
 from jaxnas import parallel
 from jaxnas import search
@@ -295,7 +296,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   """Trains (or resumes training) the configured genotype in ``workdir``; returns the
   final summary. ``stop_at_step`` ends the run after that step, as an interruption."""
   parallel.maybe_initialize_distributed(config)  # before anything touches the devices
-  search.map_large_allocations()  # a lower compile-time peak of host memory
+  host_memory.map_large_allocations()  # a lower compile-time peak of host memory
   # --- checks: every user error surfaces here, before data loading or compilation.
   genotype = validate_config(config)
   for split in ('train', 'test'):
@@ -332,7 +333,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   model = build_model(config, genotype, train_set.num_classes)
   tx = make_optimizer(config, steps_per_epoch)
   state = create_state(model, train_set.image_shape, tx, config.seed, mesh)
-  search.release_host_memory()
+  host_memory.release_host_memory()
 
   # --- checkpoint: resume where the last run stopped.
   manager = ckpt_lib.manager(workdir, config.checkpoints_to_keep)
@@ -356,7 +357,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
                     in_shardings=(rep, rows), out_shardings=(rep, rep), donate_argnums=0
                     ).lower(state, parallel.shard_batch(batches.batch(0), mesh)).compile()
   compile_s = time.perf_counter() - t0
-  search.release_host_memory()
+  host_memory.release_host_memory()
   eval_fn = jax.jit(make_eval_step(model), in_shardings=(rep, rep, rows), out_shardings=rep)
   eval_batch_size = parallel.padded_batch_size(config.eval_batch_size, mesh.size)
   print(f'Compiled the training step in {compile_s:.1f} s for {mesh.size} device(s) (setup '

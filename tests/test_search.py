@@ -2,7 +2,6 @@
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -325,62 +324,3 @@ def test_cli_missing_config_file_is_one_clear_line(tmp_path):
   out = run_main('--config=configs/no_such_config.py', f'--workdir={tmp_path}')
   assert out.returncode == 1 and 'Traceback' not in out.stderr
   assert 'no_such_config.py' in out.stderr
-
-
-def _rss_bytes() -> int:
-  with open('/proc/self/statm') as f:
-    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-
-@pytest.mark.skipif(not os.path.exists('/proc/self/statm') or
-                    platform.libc_ver()[0] != 'glibc', reason='needs Linux with glibc')
-def test_release_host_memory_hands_freed_heap_back():
-  # Freed blocks between live ones stay in the process until the heap is trimmed, as a
-  # compiler's freed working memory does.
-  blocks = [bytearray(2048) for _ in range(100_000)]  # ~200 MB of heap allocations
-  survivors = blocks[::64]  # live blocks that keep the freed ones inside the heap
-  del blocks
-  before = _rss_bytes()
-  search.release_host_memory()
-  after = _rss_bytes()
-  del survivors
-  assert search._libc_function('malloc_trim') is not None
-  assert before - after > 100e6, (before, after)
-
-
-_MMAP_PROBE = """
-import ctypes, sys
-from jaxnas import search
-
-class MallInfo2(ctypes.Structure):
-  _fields_ = [(name, ctypes.c_size_t) for name in (
-      'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks',
-      'fordblks', 'keepcost')]
-
-libc = ctypes.CDLL('libc.so.6')
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-libc.mallinfo2.restype = MallInfo2
-if sys.argv[1] == 'mapped':
-  search.map_large_allocations()
-libc.free(libc.malloc(8 << 20))  # a mapped block freed: glibc raises its threshold past it
-before = libc.mallinfo2().hblkhd  # bytes in mapped blocks
-block = libc.malloc(2 << 20)
-print(libc.mallinfo2().hblkhd - before)
-libc.free(block)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc' or
-                    tuple(map(int, platform.libc_ver()[1].split('.'))) < (2, 33),
-                    reason='needs glibc 2.33+ (mallinfo2)')
-def test_map_large_allocations_keeps_freed_blocks_out_of_the_heap():
-  def mapped_bytes(mode):
-    out = subprocess.run([sys.executable, '-c', _MMAP_PROBE, mode], cwd=REPO,
-                         capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1])
-
-  # By default the 2 MiB block comes from the heap once an 8 MiB one has been freed;
-  # with the fixed threshold it is mapped, and freeing it unmaps it.
-  assert mapped_bytes('default') == 0
-  assert mapped_bytes('mapped') >= 2 << 20

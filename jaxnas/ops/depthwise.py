@@ -186,6 +186,16 @@ def pool_windows(x, window: int, stride: int, padding, fill):
   return _taps(x, (window, window), _Geometry(stride, 1, 1, tuple(padding)), fill)
 
 
+def transposed_pool_windows(y, window: int, stride: int, padding, in_hw, fill):
+  """For y [..., Ho, Wo, C] on the output grid of such a pool of an [..., *in_hw, C]
+  input: the [..., *in_hw, C] windows of y (padded, and dilated by the stride, with
+  ``fill``) that the input gradient sums, as a conv's. Window u holds, at each input
+  position, the value of the output whose pool tap window*window-1-u reads that position
+  (``fill`` where none does)."""
+  geo = _transpose(_Geometry(stride, 1, 1, tuple(padding)), tuple(in_hw), (window, window))
+  return _taps(y, (window, window), geo, fill)
+
+
 def _conv_impl(x, w, *, geo: _Geometry):
   lead = x.ndim - 4
   windows = _taps(x, w.shape[-3:-1], geo)
@@ -269,9 +279,10 @@ def _weight_grad_transpose_g(ct, x, g, *, geo, k_hw):
   return _conv_p.bind(x, ct, geo=geo)
 
 
-def _batch_rule(prim, args, dims, **params):
-  """Moves the vmapped axis to the front of both operands (broadcasting one
-  that is not mapped); the implementations take leading batch axes."""
+def batch_on_leading_axis(prim, args, dims, **params):
+  """A batching rule for primitives whose implementations take leading batch axes on
+  every operand: moves the vmapped axis to the front of each (broadcasting one that is
+  not mapped)."""
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   args = [jnp.broadcast_to(a, (size, *a.shape)) if d is None
           else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
@@ -287,4 +298,4 @@ for _prim, _impl, _static, _abstract, _tx, _ty in (
   _prim.def_abstract_eval(_abstract)
   mlir.register_lowering(_prim, mlir.lower_fun(_impl, multiple_results=False))
   ad.defbilinear(_prim, _tx, _ty)
-  batching.primitive_batchers[_prim] = functools.partial(_batch_rule, _prim)
+  batching.primitive_batchers[_prim] = functools.partial(batch_on_leading_axis, _prim)
