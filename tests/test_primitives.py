@@ -232,6 +232,17 @@ def test_max_pool_forward_mode_batching_and_second_order():
   np.testing.assert_allclose(hess(ops.max_pool), hess(ref), rtol=1e-5)
 
 
+def test_max_pool_transpose_is_one_gather_primitive():
+  # The backward pass goes through the transpose primitive (a gather over padded copies
+  # of the cotangent and the index), not through JAX's transpose of the tangent map (one
+  # padded copy per tap).
+  x = _x((2, 8, 8, 3), seed=5)
+  for pool in (ops.max_pool, ops.max_pool_2x2):
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda v, pool=pool: jnp.sum(pool(v) ** 2)))(x))
+    assert jaxpr.count('jaxnas_max_pool_scatter') == 1, jaxpr
+    assert 'jaxnas_max_pool_gather' not in jaxpr, jaxpr
+
+
 def test_max_pool_backward_keeps_one_byte_per_output():
   # Autodiff of lax.reduce_window keeps four int32 window coordinates per output for
   # XLA:CPU's scatter, and a zeroed input-sized buffer; max_pool keeps an int8 index.

@@ -220,8 +220,8 @@ def max_pool_2x2(x):
 # The tangent map (each output takes the input tangent at its index) and its transpose
 # are two primitives, each the other's transpose, and both are gathers: the transpose
 # reads, at every input position, the cotangent and the index of each window that holds
-# it, from copies of the two padded (and, for a stride, dilated) as a conv's input
-# gradient reads its cotangent. Left to JAX, the transpose of the tangent map is a sum of
+# that position, from padded (for a stride, also dilated) copies of both, as a conv's
+# input gradient reads its cotangent. Left to JAX, the transpose of the tangent map is a sum of
 # padded copies, one per tap, and XLA:CPU fused the producers of the index and of the
 # cotangent (the first-maximum comparisons, BatchNorm's backward) into it once per tap.
 # The PC-DARTS CIFAR search step at batch 64, both versions compiled in one process on a
