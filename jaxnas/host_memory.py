@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 
+
 @functools.cache
 def _libc_function(name: str):
   """glibc's function ``name`` (malloc_trim, mallopt), or None where the C library has
@@ -82,6 +83,7 @@ def release_host_memory() -> None:
   if trim is not None:
     trim(0)
 
+
 # glibc's tunable (2.35+) that asks the kernel for transparent huge pages for the blocks
 # it maps and the heaps it grows.
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
@@ -108,7 +110,8 @@ def huge_pages_environ(environ=None, thp_setting: str | None = None) -> dict | N
       return None
   if '[madvise]' not in thp_setting:
     return None
-  return dict(environ, GLIBC_TUNABLES=':'.join(t for t in (tunables, HUGE_PAGES_TUNABLE) if t))
+  tunables = ':'.join(t for t in (tunables, HUGE_PAGES_TUNABLE) if t)
+  return dict(environ, GLIBC_TUNABLES=tunables)
 
 
 def relaunch_with_huge_pages() -> None:

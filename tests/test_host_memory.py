@@ -20,8 +20,8 @@ def _rss_bytes() -> int:
     return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
-@pytest.mark.skipif(not os.path.exists('/proc/self/statm') or
-                    platform.libc_ver()[0] != 'glibc', reason='needs Linux with glibc')
+@pytest.mark.skipif(not os.path.exists('/proc/self/statm') or not GLIBC,
+                    reason='needs Linux with glibc')
 def test_release_host_memory_hands_freed_heap_back():
   # Freed blocks between live ones stay in the process until the heap is trimmed, as a
   # compiler's freed working memory does.
@@ -36,7 +36,8 @@ def test_release_host_memory_hands_freed_heap_back():
   assert before - after > 100e6, (before, after)
 
 
-_MMAP_PROBE = """
+# glibc's malloc, free and counters (mallinfo2) for the probe scripts below.
+_MALLINFO = """
 import ctypes, sys
 from jaxnas import host_memory
 
@@ -49,6 +50,9 @@ libc = ctypes.CDLL('libc.so.6')
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 libc.mallinfo2.restype = MallInfo2
+"""
+
+_MMAP_PROBE = _MALLINFO + """
 if sys.argv[1] == 'mapped':
   host_memory.map_large_allocations()
 libc.free(libc.malloc(8 << 20))  # a mapped block freed: glibc raises its threshold past it
@@ -59,8 +63,7 @@ libc.free(block)
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc' or
-                    tuple(map(int, platform.libc_ver()[1].split('.'))) < (2, 33),
+@pytest.mark.skipif(not GLIBC or GLIBC_VERSION < (2, 33),
                     reason='needs glibc 2.33+ (mallinfo2)')
 def test_map_large_allocations_keeps_freed_blocks_out_of_the_heap():
   def mapped_bytes(mode):
@@ -74,7 +77,7 @@ def test_map_large_allocations_keeps_freed_blocks_out_of_the_heap():
   assert mapped_bytes('mapped') >= 2 << 20
 
 
-_REUSE_PROBE = _MMAP_PROBE.split("if sys.argv[1]")[0] + """
+_REUSE_PROBE = _MALLINFO + """
 host_memory.map_large_allocations()
 for call in sys.argv[1:]:
   getattr(host_memory, call)()
@@ -86,8 +89,7 @@ print(mapped, libc.mallinfo2().arena - before.arena)  # mapped; heap growth kept
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc' or
-                    tuple(map(int, platform.libc_ver()[1].split('.'))) < (2, 33),
+@pytest.mark.skipif(not GLIBC or GLIBC_VERSION < (2, 33),
                     reason='needs glibc 2.33+ (mallinfo2)')
 def test_reuse_freed_allocations_keeps_large_blocks_in_the_heap():
   def probe(*calls):
