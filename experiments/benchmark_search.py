@@ -3,6 +3,7 @@ r"""Search-step throughput, memory, FLOPs and compile time of the DARTS / PC-DAR
   python experiments/benchmark_search.py --methods=pcdarts,darts --batch_sizes=64,256
   python experiments/benchmark_search.py --methods=pcdarts --batch_sizes=256 --remat=0,1
   python experiments/benchmark_search.py --methods=pcdarts --cache=cold,warm
+  python experiments/benchmark_search.py --methods=pcdarts --compile=concurrent,sequential
 
 Each (method, batch size) runs in its own process, so its peak memory is its own, started
 as `python -m jaxnas.main` restarts itself (glibc's huge pages where they help:
@@ -17,18 +18,24 @@ batches and reports:
   peak_bytes     peak resident memory of the process on CPU (compilation and steps; XLA's
                  analyses below run after it is read, as a search does not run them);
                  peak device memory on GPU
-  xla_temp_bytes / xla_argument_bytes   XLA's compiled memory analysis
-  flops_per_step XLA's cost analysis of the compiled step; achieved FLOP/s and, where the
-                 device peak is known (--peak_flops or the table below), the fraction of it
-  compile_s      lowering + XLA compilation (lower_s of it lowering; state_s: creating
-                 the state, not included). --cache=cold (the default): persistent
+  xla_temp_bytes / xla_argument_bytes   XLA's compiled memory analysis of the larger of
+                 the step's two programs (they run one after the other)
+  flops_per_step XLA's cost analysis of the step's programs, summed; achieved
+                 FLOP/s and, where the device peak is known (--peak_flops or the table
+                 below), the fraction of it
+  compile_s      lowering + XLA compilation of the step's two programs, its arch and
+                 weight phases (state_s: creating the state, not included). --compile,
+                 as a search's config.compile_mode: concurrent compiles them side by
+                 side, sequential one at a time, auto as a search on this backend does.
+                 --cache=cold (the default): persistent
                  compilation cache off. --cache=warm: a first process fills a fresh cache
                  and the measured one loads the step from it, as a resumed or repeated
-                 search does (jaxnas caches compiled steps under ~/.cache/jaxnas/xla)
+                 search does (jaxnas caches compiled steps under ~/.cache/jaxnas/xla);
+                 fill_compile_s and fill_peak_bytes are the first process's
   compile_peak_bytes  process RSS right after compilation (CPU): how much of the peak
                  is the compiler's rather than the step's
 
-Each setting's stages (state creation, lowering, compilation, timing) are printed with
+Each setting's stages (state creation, compilation, timing) are printed with
 timestamps as they finish. A table is printed and the records are written as JSON (the
 path is printed) after every setting; a failed setting's record holds its fatal lines and
 the path of its whole log, kept beside the JSON.
@@ -59,9 +66,10 @@ def progress(message: str) -> None:
 
 
 def run_setting(method: str, batch_size: int, remat: bool, steps: int,
-                peak_flops: float, cache_dir: str = '') -> dict:
+                peak_flops: float, cache_dir: str = '', compile_mode: str = 'auto') -> dict:
   """Measures one setting in this process; returns its record. With ``cache_dir`` the
-  compiled step is read from (or written to) that persistent compilation cache."""
+  compiled step is read from (or written to) that persistent compilation cache;
+  ``compile_mode`` is a search's ``config.compile_mode``."""
   import importlib.util
   import jax
   import numpy as np
@@ -97,18 +105,15 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
          'label': rng.integers(0, 10, batch_size).astype(np.int32)}, mesh)
 
   train, val = batch(), batch()
-  step = search.jit_search_step(
-      search.make_search_step(model, weight_tx, arch_tx, config, steps_per_epoch), mesh)
-  progress(f'state created in {state_s:.1f} s; lowering the search step')
+  concurrent = search.concurrent_compile(compile_mode)
+  progress(f'state created in {state_s:.1f} s; lowering and compiling the search step '
+           f'(its arch and weight phases, {"side by side" if concurrent else "in turn"})')
   t0 = time.perf_counter()
-  lowered = step.lower(state, train, val)
-  lower_s = time.perf_counter() - t0
-  progress(f'lowered in {lower_s:.1f} s; compiling')
-  compiled = lowered.compile()
+  compiled, = search.compile_search_step(model, weight_tx, arch_tx, config, steps_per_epoch,
+                                         mesh, state, train, val, concurrent=concurrent)
   compile_s = time.perf_counter() - t0
-  progress(f'compiled in {compile_s - lower_s:.1f} s; timing {steps} steps after a warm-up')
+  progress(f'compiled in {compile_s:.1f} s; timing {steps} steps after a warm-up')
   compile_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  del lowered  # a search keeps only the executable
   host_memory.release_host_memory()
   host_memory.reuse_freed_allocations()
 
@@ -136,22 +141,23 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   # The analyses walk the compiled program (cost analysis: about 0.6 GB of host memory for
   # the batch-64 PC-DARTS step on CPU), which a search never does: they run after the peak
   # is read.
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  programs = compiled.phases
+  memory = [program.memory_analysis() for program in programs]
+  flops = sum(_flops(program) for program in programs)
   achieved = flops / step_s
   return {
       'method': method, 'batch_size': batch_size, 'remat': remat, 'C': config.model.C,
       'layers': config.model.layers, 'k': config.model.k,
       'images_per_s': 2 * batch_size / step_s, 'step_s': step_s, 'step_times_s': times,
       'peak_bytes': peak_bytes, 'peak_kind': peak_kind,
-      'xla_temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
-      'xla_argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
+      # The phases run one after the other: the step needs the larger one's buffers.
+      'xla_temp_bytes': _max_field(memory, 'temp_size_in_bytes'),
+      'xla_argument_bytes': _max_field(memory, 'argument_size_in_bytes'),
       'flops_per_step': flops, 'achieved_flops_per_s': achieved,
       'fraction_of_peak': achieved / peak if peak else None,
-      'compile_s': compile_s, 'lower_s': lower_s, 'state_s': state_s,
+      'compile_s': compile_s, 'state_s': state_s,
       'cache': 'warm' if cache_dir else 'cold',
+      'compile_mode': 'concurrent' if concurrent else 'sequential',
       'compile_peak_bytes': compile_peak_bytes if device.platform == 'cpu' else None,
       'backend': device.platform, 'device': device.device_kind,
       'devices': jax.device_count(), 'host': platform.node(), 'cpus': os.cpu_count(),
@@ -159,14 +165,27 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   }
 
 
-HEADER = (f'{"method":8} {"batch":>5} {"remat":>5} {"cache":>5} {"compile s":>9} '
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+
+def _max_field(analyses, field: str):
+  values = [getattr(a, field, None) for a in analyses]
+  return None if None in values else max(values)
+
+
+HEADER = (f'{"method":8} {"batch":>5} {"remat":>5} {"cache":>5} {"compile":>10} '
+          f'{"compile s":>9} '
           f'{"step s":>7} {"img/s":>7} {"peak GB":>8} {"compile GB":>10} {"xla temp GB":>11} '
           f'{"GFLOP/step":>10} {"GFLOP/s":>8} {"of peak":>7}')
 
 
 def row(r: dict) -> str:
   """One line of the printed table for a record."""
-  head = f'{r["method"]:8} {r["batch_size"]:>5} {int(r["remat"]):>5} {r["cache"]:>5}'
+  head = (f'{r["method"]:8} {r["batch_size"]:>5} {int(r["remat"]):>5} {r["cache"]:>5} '
+          f'{r.get("compile_mode", ""):>10}')
   if 'error' in r:
     return head + ' failed'
   gb = lambda b: b / 1e9 if b is not None else float('nan')  # noqa: E731
@@ -186,6 +205,11 @@ def main():
   parser.add_argument('--cache', default='cold',
                       help='cold, warm or cold,warm: compile the step, or load it from a '
                            'persistent compilation cache filled by a first process')
+  parser.add_argument('--compile', default='auto',
+                      help="concurrent, sequential, auto (a search's default: concurrent "
+                           'except on the CPU backend) or a comma-separated list: compile '
+                           "the step's arch and weight phases side by side or one at a time "
+                           '(config.compile_mode)')
   parser.add_argument('--steps', type=int, default=3, help='timed steps after a warm-up')
   parser.add_argument('--peak_flops', type=float, default=0.0,
                       help='device peak FLOP/s for the fraction-of-peak column')
@@ -194,20 +218,23 @@ def main():
   args = parser.parse_args()
 
   if args.child:
-    method, batch_size, remat, cache_dir = args.child.split(':', 3)
+    method, batch_size, remat, mode, cache_dir = args.child.split(':', 4)
     record = run_setting(method, int(batch_size), remat == '1', args.steps, args.peak_flops,
-                         cache_dir)
+                         cache_dir, compile_mode=mode)
     print('RECORD ' + json.dumps(record), flush=True)
     return
 
   for cache in args.cache.split(','):
     if cache not in ('cold', 'warm'):
       sys.exit(f'--cache: unknown mode {cache!r}; choose cold, warm or cold,warm.')
+  for mode in args.compile.split(','):
+    if mode not in ('auto', 'concurrent', 'sequential'):
+      sys.exit(f'--compile: unknown mode {mode!r}; choose auto, concurrent or sequential.')
   for method in args.methods.split(','):
     if method not in CONFIGS:
       sys.exit(f'--methods: unknown method {method!r}; choose from {sorted(CONFIGS)}.')
 
-  def child(method, batch_size, remat, cache_dir, label):
+  def child(method, batch_size, remat, mode, cache_dir, label):
     """Runs one setting in a fresh process: (record, None) or (None, error lines).
 
     The child's stage lines are echoed as they come; all its output goes to a log file
@@ -216,7 +243,7 @@ def main():
     env = host_memory.huge_pages_environ(env) or env  # as python -m jaxnas.main runs
     log_path = f'{os.path.splitext(args.out)[0]}.{label}.log'
     with open(log_path, 'w') as log, subprocess.Popen(
-        [sys.executable, __file__, f'--child={method}:{batch_size}:{remat}:{cache_dir}',
+        [sys.executable, __file__, f'--child={method}:{batch_size}:{remat}:{mode}:{cache_dir}',
          f'--steps={args.steps}', f'--peak_flops={args.peak_flops}'],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
       lines = []
@@ -234,30 +261,42 @@ def main():
     os.remove(log_path)
     return json.loads(record_lines[-1][len('RECORD '):]), None
 
+  def run_one(method, batch_size, remat, mode, cache, records):
+    print(f'== {method} batch {batch_size} remat {remat} {mode} compile cache {cache} ...',
+          flush=True)
+    label = f'{method}_b{batch_size}_remat{remat}_{mode}_{cache}'
+    with tempfile.TemporaryDirectory(prefix='jaxnas-bench-cache-') as cache_dir:
+      error = None
+      fill = {}
+      if cache == 'warm':  # the first process compiles and fills the cache
+        fill, error = child(method, batch_size, remat, mode, cache_dir, f'{label}_fill')
+      if error is None:
+        record, error = child(method, batch_size, remat, mode,
+                              cache_dir if cache == 'warm' else '', label)
+      if error is None and fill:
+        record.update(fill_compile_s=fill['compile_s'], fill_peak_bytes=fill['peak_bytes'])
+    if error is not None:
+      print(f'   failed: {" / ".join(error)}', flush=True)
+      records.append({'method': method, 'batch_size': batch_size, 'remat': remat == '1',
+                      'cache': cache, 'compile_mode': mode, 'error': error})
+    else:
+      records.append(record)
+      print('   ' + HEADER + '\n   ' + row(record), flush=True)
+      if 'fill_compile_s' in record:
+        print(f'   the first process compiled and wrote the cache in '
+              f'{record["fill_compile_s"]:.1f} s, peak {record["fill_peak_bytes"] / 1e9:.2f} '
+              'GB', flush=True)
+    with open(args.out, 'w') as f:  # after every setting: a stopped run keeps its rows
+      json.dump(records, f, indent=2)
+
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   records = []
   for method in args.methods.split(','):
     for batch_size in (int(b) for b in args.batch_sizes.split(',')):
       for remat in args.remat.split(','):
-        for cache in args.cache.split(','):
-          print(f'== {method} batch {batch_size} remat {remat} cache {cache} ...', flush=True)
-          label = f'{method}_b{batch_size}_remat{remat}_{cache}'
-          with tempfile.TemporaryDirectory(prefix='jaxnas-bench-cache-') as cache_dir:
-            error = None
-            if cache == 'warm':  # the first process compiles and fills the cache
-              _, error = child(method, batch_size, remat, cache_dir, f'{label}_fill')
-            if error is None:
-              record, error = child(method, batch_size, remat,
-                                    cache_dir if cache == 'warm' else '', label)
-          if error is not None:
-            print(f'   failed: {" / ".join(error)}', flush=True)
-            records.append({'method': method, 'batch_size': batch_size,
-                            'remat': remat == '1', 'cache': cache, 'error': error})
-          else:
-            records.append(record)
-            print('   ' + HEADER + '\n   ' + row(record), flush=True)
-          with open(args.out, 'w') as f:  # after every setting: a stopped run keeps its rows
-            json.dump(records, f, indent=2)
+        for mode in args.compile.split(','):
+          for cache in args.cache.split(','):
+            run_one(method, batch_size, remat, mode, cache, records)
 
   print(HEADER)
   for r in records:

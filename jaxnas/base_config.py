@@ -65,6 +65,10 @@ def search_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 500
   c.eval_max_examples = 0          # 0: evaluate on the whole held-out arch split
   c.compilation_cache_dir = '~/.cache/jaxnas/xla'  # '' disables the persistent cache
+  # The search step is two programs (arch and weight phase), compiled with the eval step:
+  # 'concurrent' side by side (sooner on 2+ cores, more host memory while compiling),
+  # 'sequential' one at a time; 'auto': concurrent on GPU/TPU hosts, sequential on CPU.
+  c.compile_mode = 'auto'
   c.parallel = parallel_config()
   return c
 

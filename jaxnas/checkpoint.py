@@ -15,8 +15,8 @@ class WorkdirError(ValueError):
 # Fields that may change between a run and its resumption without changing the search
 # ('section.field' for nested ones): a search may resume on another device count.
 _RESUMABLE_FIELDS = ('log_every_steps', 'checkpoint_every_steps', 'checkpoints_to_keep',
-                     'compilation_cache_dir', 'eval_batch_size', 'parallel.num_devices',
-                     'parallel.multi_host')
+                     'compilation_cache_dir', 'compile_mode', 'eval_batch_size',
+                     'parallel.num_devices', 'parallel.multi_host')
 
 
 def manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:

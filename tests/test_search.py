@@ -13,6 +13,7 @@ import pytest
 
 from jaxnas import base_config
 from jaxnas import genotypes
+from jaxnas import parallel
 from jaxnas import search
 from jaxnas.spaces import darts
 from test_data import write_fashion_mnist
@@ -105,6 +106,41 @@ def test_arch_step_leaves_weights_unchanged(phase_setup):
   chex.assert_trees_all_equal(new.weight_opt_state, state.weight_opt_state)
   assert all(_changed(new.arch, state.arch)), 'alphas and betas should move'
   assert np.isfinite(loss)
+
+
+@pytest.mark.parametrize('concurrent', [True, False], ids=['concurrent', 'sequential'])
+def test_compiled_search_step_equals_the_jitted_step(concurrent):
+  # compile_search_step's step (the arch and weight phases as two executables) must
+  # give, over two steps, the state and metrics of the step jitted as one function
+  # (warm-up 1 step: a skipped, then a run arch phase).
+  config = tiny_config()
+  config.optim.arch_warmup_epochs = 1
+  model = search.build_model(config, 10)
+  weight_tx, arch_tx = search.make_optimizers(config, steps_per_epoch=1)
+  mesh = parallel.make_mesh(1)
+  fresh = lambda: search.create_state(model, (8, 8, 3), weight_tx, arch_tx, seed=0,  # noqa: E731
+                                      mesh=mesh)
+  rng = np.random.default_rng(0)
+  batches = [(random_batch(rng, 4, (8, 8, 3)), random_batch(rng, 4, (8, 8, 3)))
+             for _ in range(2)]
+  one = search.jit_search_step(
+      search.make_search_step(model, weight_tx, arch_tx, config, 1), mesh)
+  two, = search.compile_search_step(model, weight_tx, arch_tx, config, 1, mesh, fresh(),
+                                    *batches[0], concurrent=concurrent)
+  assert len(two.phases) == 2
+  runs = []
+  for step in (one, two):
+    state, history = fresh(), []
+    for train, val in batches:
+      state, metrics = step(state, train, val)
+      history.append(jax.device_get(metrics))
+    runs.append((jax.device_get(state), history))
+  (state_one, history_one), (state_two, history_two) = runs
+  assert np.isnan(history_two[0]['val_loss']) and np.isfinite(history_two[1]['val_loss'])
+  assert int(state_two.step) == 2
+  assert all(_changed(state_two.arch, fresh().arch)), 'the second arch phase ran'
+  chex.assert_trees_all_close(state_two, state_one, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(history_two, history_one, rtol=1e-5, atol=1e-6)
 
 
 def test_second_order_hypergradient_matches_finite_differences():
@@ -238,11 +274,15 @@ def test_search_end_to_end_on_tfds_mock_data(tmp_path, cache_dir):
     ('model.channel_sampling', 'mask', 'model.channel_sampling'),
     ('data.train_portion', 1.5, 'data.train_portion'),
     ('optim.order', 3, 'optim.order'),
+    ('compile_mode', 'fast', 'compile_mode'),
 ])
 def test_bad_config_fields_are_named(field, value, words):
   c = tiny_config()
-  section, name = field.split('.')
-  c[section][name] = value
+  *sections, name = field.split('.')
+  target = c
+  for section in sections:
+    target = target[section]
+  target[name] = value
   with pytest.raises(search.ConfigError, match=words.replace('.', r'\.')):
     search.validate_config(c)
 
