@@ -86,6 +86,7 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   config.optim.batch_size = batch_size
   config.optim.arch_warmup_epochs = 0  # time the full bilevel step
   config.model.remat = remat
+  config.compile_mode = compile_mode
   shape = (32, 32, 3)
 
   mesh = parallel.make_mesh()
@@ -110,7 +111,7 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
            f'(its arch and weight phases, {"side by side" if concurrent else "in turn"})')
   t0 = time.perf_counter()
   compiled, = search.compile_search_step(model, weight_tx, arch_tx, config, steps_per_epoch,
-                                         mesh, state, train, val, concurrent=concurrent)
+                                         mesh, state, train, val)
   compile_s = time.perf_counter() - t0
   progress(f'compiled in {compile_s:.1f} s; timing {steps} steps after a warm-up')
   compile_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

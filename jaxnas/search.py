@@ -357,26 +357,23 @@ def jit_search_step(step, mesh: jax.sharding.Mesh):
 
 def compile_search_step(model, weight_tx, arch_tx, config, steps_per_epoch,
                         mesh: jax.sharding.Mesh, state, train_batch, val_batch,
-                        *more_jobs, concurrent: bool | None = None):
+                        *more_jobs):
   """The search step compiled for ``mesh`` as two programs, its arch phase and its weight
   phase, followed by the ``(jitted, args)`` jobs in ``more_jobs``; returns the step (a
   ``PhasedStep`` of the two executables, which computes what
   ``jit_search_step(make_search_step(...))`` computes) and then the executables of
-  ``more_jobs``, all compiled by ``compile_all`` (``concurrent``: None decides as
-  ``compile_mode='auto'``).
+  ``more_jobs``, all compiled by ``compile_all`` as ``config.compile_mode`` says.
 
   Each phase is about half the one-program step. Compiled side by side
-  (``concurrent``) they are ready sooner on a host with two cores or more, as XLA
+  ('concurrent') they are ready sooner on a host with two cores or more, as XLA
   compiles a program mostly on one core; one at a time, the host memory of compiling,
   of writing the programs to the persistent compilation cache and of loading them from
   it stays at or below that of the one program (on a 2-core CPU for the batch-64
   PC-DARTS step: 3.4-3.5, 3.8-4.0 and 3.3 GB peak RSS against 3.5-3.6, 4.6 and 4.2 GB)."""
-  if concurrent is None:
-    concurrent = concurrent_compile('auto')
   phases = make_search_phases(model, weight_tx, arch_tx, config, steps_per_epoch)
   compiled = compile_all(
       *[(jit_search_step(phase, mesh), (state, train_batch, val_batch)) for phase in phases],
-      *more_jobs, concurrent=concurrent)
+      *more_jobs, concurrent=concurrent_compile(config.compile_mode))
   return (PhasedStep(compiled[:2]), *compiled[2:])
 
 
@@ -538,8 +535,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   t_compile = time.perf_counter()
   step_fn, eval_fn = compile_search_step(
       model, weight_tx, arch_tx, config, steps_per_epoch, mesh, state, train0, val0,
-      (jit_eval_step(make_eval_step(model), mesh), (state, parallel.shard_batch(eval0, mesh))),
-      concurrent=concurrent_compile(config.compile_mode))
+      (jit_eval_step(make_eval_step(model), mesh), (state, parallel.shard_batch(eval0, mesh))))
   compile_s = time.perf_counter() - t_compile
   host_memory.release_host_memory()
   host_memory.reuse_freed_allocations()

@@ -108,13 +108,14 @@ def test_arch_step_leaves_weights_unchanged(phase_setup):
   assert np.isfinite(loss)
 
 
-@pytest.mark.parametrize('concurrent', [True, False], ids=['concurrent', 'sequential'])
-def test_compiled_search_step_equals_the_jitted_step(concurrent):
+@pytest.mark.parametrize('compile_mode', ['concurrent', 'sequential'])
+def test_compiled_search_step_equals_the_jitted_step(compile_mode):
   # compile_search_step's step (the arch and weight phases as two executables) must
   # give, over two steps, the state and metrics of the step jitted as one function
   # (warm-up 1 step: a skipped, then a run arch phase).
   config = tiny_config()
   config.optim.arch_warmup_epochs = 1
+  config.compile_mode = compile_mode
   model = search.build_model(config, 10)
   weight_tx, arch_tx = search.make_optimizers(config, steps_per_epoch=1)
   mesh = parallel.make_mesh(1)
@@ -126,7 +127,7 @@ def test_compiled_search_step_equals_the_jitted_step(concurrent):
   one = search.jit_search_step(
       search.make_search_step(model, weight_tx, arch_tx, config, 1), mesh)
   two, = search.compile_search_step(model, weight_tx, arch_tx, config, 1, mesh, fresh(),
-                                    *batches[0], concurrent=concurrent)
+                                    *batches[0])
   assert len(two.phases) == 2
   runs = []
   for step in (one, two):
