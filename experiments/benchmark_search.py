@@ -20,7 +20,9 @@ batches and reports:
                  peak device memory on GPU
   xla_temp_bytes / xla_argument_bytes   XLA's compiled memory analysis of the larger of
                  the step's two programs (they run one after the other)
-  flops_per_step XLA's cost analysis of the step's programs, summed; achieved
+  flops_per_step XLA's cost analysis of the step's programs, summed, plus the
+                 multiply-adds of the native depthwise kernels (on CPU), which XLA
+                 cannot see into, counted from the programs' text; achieved
                  FLOP/s and, where the device peak is known (--peak_flops or the table
                  below), the fraction of it
   compile_s      lowering + XLA compilation of the step's two programs, its arch and
@@ -75,6 +77,7 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   import numpy as np
   from jaxnas import parallel
   from jaxnas import search
+  from jaxnas.ops import depthwise
 
   host_memory.map_large_allocations()  # as a search does
   if cache_dir:
@@ -161,6 +164,7 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
       'compile_mode': 'concurrent' if concurrent else 'sequential',
       'compile_peak_bytes': compile_peak_bytes if device.platform == 'cpu' else None,
       'backend': device.platform, 'device': device.device_kind,
+      'depthwise_impl': depthwise.resolve_impl(config.model.depthwise_impl),
       'devices': jax.device_count(), 'host': platform.node(), 'cpus': os.cpu_count(),
       'loss_finite': bool(np.isfinite(float(metrics['train_loss']))),
   }
@@ -169,7 +173,10 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
 def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', float('nan'))) if cost else float('nan')
+  xla = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  from jaxnas.ops import native  # imports jax: only in a setting's process
+  # XLA counts a custom call as no FLOPs: add the native depthwise kernels' own.
+  return xla + native.custom_call_flops(compiled.as_text())
 
 
 def _max_field(analyses, field: str):

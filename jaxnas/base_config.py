@@ -39,7 +39,7 @@ def search_config() -> ml_collections.ConfigDict:
   c.model.k = 4               # partial channels: 1/k of the channels go through the mixed op
   c.model.channel_sampling = 'shuffle'  # 'shuffle' (reference) | 'random'
   c.model.edge_normalization = True
-  c.model.depthwise_impl = 'auto'       # 'auto' | 'xla' | 'shifted'
+  c.model.depthwise_impl = 'auto'       # 'auto' | 'xla' | 'shifted' | 'native'
   c.model.remat = False  # recompute each cell in the backward pass (less memory, slower)
 
   c.optim = ml_collections.ConfigDict()

@@ -31,6 +31,7 @@ from jaxnas import parallel
 from jaxnas import partial_channels
 from jaxnas import summary as summary_lib
 from jaxnas import visualize
+from jaxnas.ops import depthwise
 from jaxnas.spaces import darts
 
 METHODS = ('darts', 'pcdarts')
@@ -89,8 +90,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f'is {m.channel_sampling!r}; choose one of {partial_channels.SAMPLING_MODES}.')
   if m.stem not in ('cifar', 'imagenet'):
     fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
-  if m.depthwise_impl not in ('auto', 'xla', 'shifted'):
-    fail('model.depthwise_impl', f"is {m.depthwise_impl!r}; choose 'auto', 'xla' or 'shifted'.")
+  if m.depthwise_impl not in depthwise.IMPLS:
+    fail('model.depthwise_impl',
+         f"is {m.depthwise_impl!r}; choose 'auto', 'xla', 'shifted' or 'native'.")
   unknown = [p for p in m.primitives if p not in genotypes.PRIMITIVES]
   if unknown or not [p for p in m.primitives if p != 'none']:
     fail('model.primitives', f'must be ops of {genotypes.PRIMITIVES} (not only none), '

@@ -33,6 +33,7 @@ from jaxnas import metrics as metrics_lib
 from jaxnas import parallel
 from jaxnas import search
 from jaxnas import summary as summary_lib
+from jaxnas.ops import depthwise
 from jaxnas.spaces import darts_eval
 
 ConfigError = search.ConfigError
@@ -76,8 +77,9 @@ def validate_config(config: ml_collections.ConfigDict) -> genotypes.Genotype:
     fail('model.layers', f'= {m.layers} must be at least 3 (two reduction cells + one).')
   if m.stem not in ('cifar', 'imagenet'):
     fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
-  if m.depthwise_impl not in ('auto', 'xla', 'shifted'):
-    fail('model.depthwise_impl', f"is {m.depthwise_impl!r}; choose 'auto', 'xla' or 'shifted'.")
+  if m.depthwise_impl not in depthwise.IMPLS:
+    fail('model.depthwise_impl',
+         f"is {m.depthwise_impl!r}; choose 'auto', 'xla', 'shifted' or 'native'.")
   if not 0 <= m.drop_path < 1:
     fail('model.drop_path', f'must be in [0, 1), got {m.drop_path}.')
   if m.auxiliary_weight < 0:

@@ -12,9 +12,11 @@ from jax import lax
 from jax import test_util
 
 from jaxnas.ops import depthwise
+from jaxnas.ops import native
 
 C = 3
-CASES = list(itertools.product(('shifted', 'xla'), (3, 5), (1, 2), (1, 2)))
+CPU_FORMS = ('shifted', 'native')
+CASES = list(itertools.product(('shifted', 'native', 'xla'), (3, 5), (1, 2), (1, 2)))
 SIZES = ((7, 7), (8, 8))  # Non-square inputs are in the vmap and HVP tests.
 
 
@@ -75,7 +77,7 @@ def test_values_and_grads_match_grouped_conv(impl, k, stride, dilation, size):
     assert_close(g, ref_g)
 
 
-@pytest.mark.parametrize('impl', ('shifted', 'xla'))
+@pytest.mark.parametrize('impl', ('shifted', 'native', 'xla'))
 def test_vmap_over_edges_matches_loop(impl):
   e, k, stride, dilation = 3, 3, 2, 2
   x, _ = inputs(jax.random.key(2), (e, 2, 8, 7, C), k)
@@ -115,8 +117,9 @@ def test_vmap_over_edges_matches_loop(impl):
     assert_close(actual, expected)
 
 
+@pytest.mark.parametrize('impl', CPU_FORMS)
 @pytest.mark.parametrize('stride,dilation', ((1, 1), (2, 1), (1, 2), (2, 2)))
-def test_hessian_vector_product_matches_grouped_conv(stride, dilation):
+def test_hessian_vector_product_matches_grouped_conv(stride, dilation, impl):
   """DARTS second order differentiates through a gradient: check forward-over-
   reverse and reverse-over-reverse Hessian-vector products."""
   k = 3
@@ -129,8 +132,8 @@ def test_hessian_vector_product_matches_grouped_conv(stride, dilation):
     # tanh makes the Hessian depend on x and w, not just on the bilinearity.
     return lambda x, w: jnp.sum(r * jnp.tanh(conv(x, w)))
 
-  shifted = loss(lambda x, w: depthwise.depthwise_conv(
-      x, w, stride=stride, dilation=dilation, impl='shifted'))
+  conv = loss(lambda x, w: depthwise.depthwise_conv(
+      x, w, stride=stride, dilation=dilation, impl=impl))
   ref = loss(lambda x, w: reference(x, w, stride, dilation))
 
   def hvp_fwd_rev(f):
@@ -142,12 +145,13 @@ def test_hessian_vector_product_matches_grouped_conv(stride, dilation):
                     (0, 1))(x, w)
 
   expected = hvp_fwd_rev(ref)
-  for hvp in (hvp_fwd_rev(shifted), hvp_rev_rev(shifted)):
+  for hvp in (hvp_fwd_rev(conv), hvp_rev_rev(conv)):
     for h, e in zip(hvp, expected):
       assert_close(h, e, tol=1e-4)
 
 
 def test_grads_match_finite_differences_to_second_order():
+  # float64, so the 'shifted' form (the native kernels are float32 only).
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(8), (2, 6, 5, 2), jnp.float64)
     w = jax.random.normal(jax.random.key(9), (3, 3, 2), jnp.float64)
@@ -157,10 +161,11 @@ def test_grads_match_finite_differences_to_second_order():
       test_util.check_grads(f, (x, w), order=2, modes=('fwd', 'rev'))
 
 
-def test_linearization_saves_only_x_and_w():
+@pytest.mark.parametrize('impl', CPU_FORMS)
+def test_linearization_saves_only_x_and_w(impl):
   x, w = inputs(jax.random.key(10), (2, 8, 8, C), 5)
   _, vjp_fn = jax.vjp(
-      lambda x, w: depthwise.depthwise_conv(x, w, impl='shifted'), x, w)
+      lambda x, w: depthwise.depthwise_conv(x, w, impl=impl), x, w)
   saved = sorted((l.shape for l in jax.tree.leaves(vjp_fn)), key=len)
   assert saved == [w.shape, x.shape]
 
@@ -191,10 +196,41 @@ def test_low_precision_inputs():
   assert gw.dtype == jnp.bfloat16
 
 
+def test_native_form_is_one_custom_call_per_conv():
+  x, w = inputs(jax.random.key(14), (2, 8, 8, C), 5)
+  f = jax.grad(lambda x, w: jnp.sum(jnp.sin(depthwise.depthwise_conv(x, w, impl='native'))),
+               (0, 1))
+  text = jax.jit(f).lower(x, w).as_text()
+  # Forward, input gradient (the transposed conv) and weight gradient.
+  assert text.count(f'@{native.CONV_TARGET}') == 2
+  assert text.count(f'@{native.WEIGHT_GRAD_TARGET}') == 1
+
+
+def test_native_gradients_are_the_same_on_every_run():
+  """The kernels spread samples over threads as they come free; the results must not
+  depend on which thread took which sample (a resumed search redoes steps)."""
+  x, w = inputs(jax.random.key(16), (4, 64, 12, 12, 8), 5)
+  w = jnp.broadcast_to(w, (4, *w.shape))
+  grads = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(depthwise.depthwise_conv_batched(
+      x, w, impl='native'))), (0, 1)))
+  first = grads(x, w)
+  for _ in range(5):
+    for a, b in zip(grads(x, w), first):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_native_form_falls_back_to_xla_ops_off_float32():
+  x, w = inputs(jax.random.key(15), (2, 8, 8, C), 3)
+  lowered = jax.jit(lambda x, w: depthwise.depthwise_conv(x, w, impl='native')).lower(
+      x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  assert native.CONV_TARGET not in lowered.as_text()
+
+
 def test_impl_selection(monkeypatch):
   monkeypatch.delenv(depthwise.ENV_VAR, raising=False)
-  expected = 'shifted' if jax.default_backend() == 'cpu' else 'xla'
+  expected = 'native' if jax.default_backend() == 'cpu' else 'xla'
   assert depthwise.resolve_impl('auto') == expected
+  assert depthwise.is_cpu_form('shifted') and not depthwise.is_cpu_form('xla')
   monkeypatch.setenv(depthwise.ENV_VAR, 'xla')
   assert depthwise.resolve_impl('auto') == 'xla'
   assert depthwise.resolve_impl('shifted') == 'shifted'  # Explicit wins.
@@ -213,3 +249,28 @@ def test_bad_arguments_raise_clear_errors():
     depthwise.depthwise_conv(x, w, stride=0)
   with pytest.raises(ValueError, match='same E'):
     depthwise.depthwise_conv_batched(x[None], w[None].repeat(2, 0))
+
+
+def test_auto_uses_the_shifted_form_when_the_kernels_cannot_be_built(monkeypatch):
+  monkeypatch.delenv(depthwise.ENV_VAR, raising=False)
+  monkeypatch.setattr(native, '_failure', None)
+  monkeypatch.setenv('CXX', '/nonexistent/c++')
+  monkeypatch.setattr(native.shutil, 'which', lambda name: None)
+  assert not native.available()
+  assert 'no C++ compiler' in native.unavailable_reason()
+  if jax.default_backend() == 'cpu':
+    assert depthwise.resolve_impl('auto') == 'shifted'
+  with pytest.raises(RuntimeError, match="impl 'native'.*no C\\+\\+ compiler"):
+    depthwise.resolve_impl('native')
+
+
+def test_native_build_is_cached_and_keyed_by_source(monkeypatch, tmp_path):
+  monkeypatch.setenv(native.CACHE_ENV_VAR, str(tmp_path))
+  first = native._build()
+  assert first.parent == tmp_path and first.exists()
+  mtime = first.stat().st_mtime_ns
+  assert native._build() == first and first.stat().st_mtime_ns == mtime
+  edited = tmp_path / 'edited.cc'
+  edited.write_text(native.SOURCE.read_text() + '\n// edited\n')
+  monkeypatch.setattr(native, 'SOURCE', edited)
+  assert native._build() != first

@@ -16,6 +16,7 @@ import pytest
 from jax import lax
 
 from jaxnas.genotypes import PRIMITIVES
+from jaxnas.ops import depthwise
 from jaxnas.ops import primitives as ops
 
 EPS = 1e-5
@@ -134,9 +135,17 @@ def test_skip_connect_stride1_is_identity():
   np.testing.assert_array_equal(ops.make_op('skip_connect', C, 1, False).apply({}, x, True), x)
 
 
+@pytest.fixture(params=('shifted', 'native'))
+def cpu_form(request, monkeypatch):
+  """Runs a pool test with each CPU form of the pools' derivatives ('auto' follows the
+  environment variable): XLA ops, or the native kernels."""
+  monkeypatch.setenv(depthwise.ENV_VAR, request.param)
+  return request.param
+
+
 @pytest.mark.parametrize('kind', ('max', 'avg'))
 @pytest.mark.parametrize('stride,size', [(1, 8), (1, 7), (2, 8), (2, 7)])
-def test_pool_matches_in_image_window(kind, stride, size):
+def test_pool_matches_in_image_window(kind, stride, size, cpu_form):
   # Eval mode (affine=True): the bare pool, no BN.
   x = _x((2, size, size, 3), seed=size)
   op = ops.make_op(f'{kind}_pool_3x3', 3, stride, affine=True)
@@ -144,7 +153,7 @@ def test_pool_matches_in_image_window(kind, stride, size):
   np.testing.assert_allclose(y, _pool_ref(x, kind, stride), rtol=1e-6, atol=1e-6)
 
 
-def test_avg_pool_does_not_count_padding():
+def test_avg_pool_does_not_count_padding(cpu_form):
   x = _x((1, 7, 7, 2), seed=3, loc=1.0)
   y = ops.avg_pool(x, 3, 1, 1)
   # Corner: 4 in-image values; edge: 6; interior: 9.
@@ -160,8 +169,20 @@ def test_avg_pool_does_not_count_padding():
   np.testing.assert_allclose(ops.avg_pool(jnp.ones((1, 5, 5, 1)), 3, 1, 1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize('stride,size', [(1, 7), (2, 8), (2, 7)])
+def test_avg_pool_native_form_matches_window_sums(stride, size):
+  # The native form is a depthwise conv with a filter of ones times 1 / count.
+  x = _x((2, size, size, 3), seed=size)
+  g = _x(ops.avg_pool(x, 3, stride, 1, impl='xla').shape, seed=1)
+  f = lambda impl: jax.value_and_grad(  # noqa: E731
+      lambda t: jnp.sum(ops.avg_pool(t, 3, stride, 1, impl=impl) * g))(x)
+  chex.assert_trees_all_close(f('native'), f('xla'), rtol=1e-5, atol=1e-5)
+  text = jax.jit(jax.grad(lambda t: jnp.sum(jnp.sin(ops.avg_pool(t, 3, stride, 1, impl='native')))))
+  assert text.lower(x).as_text().count('@jaxnas_depthwise_conv') == 2  # forward, backward
+
+
 @pytest.mark.parametrize('kind', ('max', 'avg'))
-def test_search_mode_pool_is_followed_by_bn(kind):
+def test_search_mode_pool_is_followed_by_bn(kind, cpu_form):
   x = _x((2, 7, 7, 3), seed=5, loc=2.0)
   op = ops.make_op(f'{kind}_pool_3x3', 3, 2, affine=False)
   variables = {'batch_stats': {'BatchNorm_0': {'mean': jnp.zeros(3), 'var': jnp.ones(3)}}}
@@ -199,7 +220,7 @@ def _max_pool_grad_ref(x, g, window, stride, pad):
 @pytest.mark.parametrize('ties', (False, True))
 @pytest.mark.parametrize('window,stride,pad,size', [(3, 1, 1, 7), (3, 2, 1, 8), (3, 2, 1, 7),
                                                     (2, 2, 0, 8), (2, 2, 0, 7)])
-def test_max_pool_gradient_goes_to_first_maximum(window, stride, pad, size, ties):
+def test_max_pool_gradient_goes_to_first_maximum(window, stride, pad, size, ties, cpu_form):
   x = _x((2, size, size, 3), seed=size)
   if ties:  # few distinct values: most windows hold their maximum more than once
     x = jnp.round(x)
@@ -218,7 +239,7 @@ def test_max_pool_gradient_goes_to_first_maximum(window, stride, pad, size, ties
                              atol=1e-6)
 
 
-def test_max_pool_forward_mode_batching_and_second_order():
+def test_max_pool_forward_mode_batching_and_second_order(cpu_form):
   x = _x((3, 2, 6, 6, 4), seed=2)  # a leading (edge) axis
   t = _x(x.shape, seed=3)
   ref = lambda v: lax.reduce_window(  # noqa: E731
@@ -232,18 +253,21 @@ def test_max_pool_forward_mode_batching_and_second_order():
   np.testing.assert_allclose(hess(ops.max_pool), hess(ref), rtol=1e-5)
 
 
-def test_max_pool_transpose_is_one_gather_primitive():
+def test_max_pool_transpose_is_one_gather_primitive(cpu_form):
   # The backward pass goes through the transpose primitive (a gather over padded copies
   # of the cotangent and the index), not through JAX's transpose of the tangent map (one
-  # padded copy per tap).
+  # padded copy per tap). The native form also takes the primal output as the gather of
+  # the input at the index, from the index kernel.
   x = _x((2, 8, 8, 3), seed=5)
   for pool in (ops.max_pool, ops.max_pool_2x2):
+    native = cpu_form == 'native' and pool is ops.max_pool  # 2x2: always XLA ops
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda v, pool=pool: jnp.sum(pool(v) ** 2)))(x))
     assert jaxpr.count('jaxnas_max_pool_scatter') == 1, jaxpr
-    assert 'jaxnas_max_pool_gather' not in jaxpr, jaxpr
+    assert jaxpr.count('jaxnas_max_pool_gather') == int(native), jaxpr
+    assert jaxpr.count('jaxnas_max_pool_index') == int(native), jaxpr
 
 
-def test_max_pool_backward_keeps_one_byte_per_output():
+def test_max_pool_backward_keeps_one_byte_per_output(cpu_form):
   # Autodiff of lax.reduce_window keeps four int32 window coordinates per output for
   # XLA:CPU's scatter, and a zeroed input-sized buffer; max_pool keeps an int8 index.
   x = _x((4, 16, 32, 32, 4), seed=4)

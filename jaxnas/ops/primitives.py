@@ -12,6 +12,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 from jax.interpreters import ad
@@ -19,6 +20,7 @@ from jax.interpreters import batching
 from jax.interpreters import mlir
 
 from jaxnas.ops import depthwise as depthwise_lib
+from jaxnas.ops import native as native_lib
 from jaxnas.ops import recompute as recompute_lib
 
 # PyTorch's default conv/linear init (kaiming_uniform with a=sqrt(5)) is
@@ -200,15 +202,18 @@ def _pool_padding(x, window, stride, pad):
   return ((0, 0), (pad, pad), (pad, pad), (0, 0)), (1, window, window, 1), (1, stride, stride, 1)
 
 
-def max_pool(x, window: int = 3, stride: int = 1, pad: int = 1):
-  """window x window max pool of x [..., H, W, C], padded with -inf by ``pad``."""
-  return _max_pool(x, window, stride, ((pad, pad), (pad, pad)))
+def max_pool(x, window: int = 3, stride: int = 1, pad: int = 1, impl: str = 'auto'):
+  """window x window max pool of x [..., H, W, C], padded with -inf by ``pad``; its
+  derivatives run as the native CPU kernels where ``impl`` (a depthwise conv impl)
+  resolves to 'native' and x is float32."""
+  native = depthwise_lib.resolve_impl(impl) == 'native' and x.dtype == jnp.float32
+  return _max_pool(x, window, stride, ((pad, pad), (pad, pad)), native)
 
 
 def max_pool_2x2(x):
   """2x2 stride-2 max pool, ceil mode (matches the strided ops' ceil(H/2) on odd sizes)."""
   h, w = x.shape[-3], x.shape[-2]
-  return _max_pool(x, 2, 2, ((0, h % 2), (0, w % 2)))
+  return _max_pool(x, 2, 2, ((0, h % 2), (0, w % 2)), False)
 
 
 # Max pooling differentiates through the index of each window's first maximum (the
@@ -226,8 +231,12 @@ def max_pool_2x2(x):
 # cotangent (the first-maximum comparisons, BatchNorm's backward) into it once per tap.
 # The PC-DARTS CIFAR search step at batch 64, both versions compiled in one process on a
 # 2-core CPU: 3.25 s that way, 2.66 s this way.
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x, window: int, stride: int, padding):
+#
+# With ``native`` the index, the gather and its transpose are the C++ kernels of
+# jaxnas/ops/native.py (the gather of x at the index is then also the primal output).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, window: int, stride: int, padding, native: bool):
+  del native
   lead = x.ndim - 3
   return lax.reduce_window(x, -jnp.inf, lax.max, (1,) * lead + (window, window, 1),
                            (1,) * lead + (stride, stride, 1),
@@ -235,8 +244,18 @@ def _max_pool(x, window: int, stride: int, padding):
 
 
 @_max_pool.defjvp
-def _max_pool_jvp(window, stride, padding, primals, tangents):
+def _max_pool_jvp(window, stride, padding, native, primals, tangents):
   (x,), (tx,) = primals, tangents
+  padding = tuple(tuple(p) for p in padding)
+  params = dict(window=window, stride=stride, padding=padding, native=native)
+  if native:
+    index = _pool_index_p.bind(x, window=window, stride=stride, padding=padding)
+    return _pool_gather_p.bind(index, x, **params), _pool_gather_p.bind(index, tx, **params)
+  y, index = _max_and_index(x, window, stride, padding)
+  return y, _pool_gather_p.bind(index, tx, **params)
+
+
+def _max_and_index(x, window, stride, padding):
   # The maximum and the index of the first tap that reaches it, in one pass (a NaN
   # wins over numbers, as in lax.max).
   y = index = None
@@ -247,11 +266,26 @@ def _max_pool_jvp(window, stride, padding, primals, tangents):
     take = (tap > y) | (jnp.isnan(tap) & ~jnp.isnan(y))
     y = jnp.where(take, tap, y)
     index = jnp.where(take, jnp.int8(t), index)
-  padding = tuple(tuple(p) for p in padding)
-  return y, _pool_gather_p.bind(index, tx, window=window, stride=stride, padding=padding)
+  return y, index
 
 
-def _pool_gather_impl(index, t, *, window, stride, padding):
+def _pool_index_impl(x, *, window, stride, padding):
+  return _max_and_index(x, window, stride, padding)[1]
+
+
+def _pool_index_cpu(x, *, window, stride, padding):
+  out_shape = _pool_index_abstract(x, window=window, stride=stride, padding=padding).shape
+  return native_lib.max_pool_index(x, window, stride, padding, out_shape)
+
+
+def _pool_index_abstract(x, *, window, stride, padding):
+  out = [(size + lo + hi - window) // stride + 1
+         for size, (lo, hi) in zip(x.shape[-3:-1], padding)]
+  return jax.core.ShapedArray((*x.shape[:-3], *out, x.shape[-1]), jnp.int8)
+
+
+def _pool_gather_impl(index, t, *, window, stride, padding, native=False):
+  del native
   """out[o] = t at tap index[o] of output o's window."""
   out = None
   for k, tap in enumerate(depthwise_lib.pool_windows(t, window, stride, padding, 0)):
@@ -260,9 +294,10 @@ def _pool_gather_impl(index, t, *, window, stride, padding):
   return out
 
 
-def _pool_scatter_impl(index, g, *, window, stride, padding, in_hw):
+def _pool_scatter_impl(index, g, *, window, stride, padding, in_hw, native=False):
   """The transpose in g of ``_pool_gather_impl``: dx[p] sums g[o] over the outputs o
   whose index points at p."""
+  del native
   last = window * window - 1
   windows = zip(
       depthwise_lib.transposed_pool_windows(index, window, stride, padding, in_hw, -1),
@@ -276,6 +311,7 @@ def _pool_scatter_impl(index, g, *, window, stride, padding, in_hw):
 
 _pool_gather_p = jex_core.Primitive('jaxnas_max_pool_gather')
 _pool_scatter_p = jex_core.Primitive('jaxnas_max_pool_scatter')
+_pool_index_p = jex_core.Primitive('jaxnas_max_pool_index')
 
 
 def _pool_gather_abstract(index, t, **params):
@@ -288,16 +324,30 @@ def _pool_scatter_abstract(index, g, *, in_hw, **params):
   return jax.core.ShapedArray((*index.shape[:-3], *in_hw, index.shape[-1]), g.dtype)
 
 
-def _pool_gather_transpose(ct, index, t, *, window, stride, padding):
+def _pool_gather_cpu(index, t, *, window, stride, padding, native):
+  if native and t.dtype == jnp.float32:
+    return native_lib.pool_gather(index, t, window, stride, padding)
+  return _pool_gather_impl(index, t, window=window, stride=stride, padding=padding)
+
+
+def _pool_scatter_cpu(index, g, *, window, stride, padding, in_hw, native):
+  if native and g.dtype == jnp.float32:
+    out_shape = _pool_scatter_abstract(index, g, in_hw=in_hw).shape
+    return native_lib.pool_scatter(index, g, window, stride, padding, out_shape)
+  return _pool_scatter_impl(index, g, window=window, stride=stride, padding=padding,
+                            in_hw=in_hw)
+
+
+def _pool_gather_transpose(ct, index, t, *, window, stride, padding, native):
   return [None, _pool_scatter_p.bind(index, ad.instantiate_zeros(ct), window=window,
                                      stride=stride, padding=padding,
-                                     in_hw=tuple(t.aval.shape[-3:-1]))]
+                                     in_hw=tuple(t.aval.shape[-3:-1]), native=native)]
 
 
-def _pool_scatter_transpose(ct, index, g, *, window, stride, padding, in_hw):
+def _pool_scatter_transpose(ct, index, g, *, window, stride, padding, in_hw, native):
   del g, in_hw
   return [None, _pool_gather_p.bind(index, ad.instantiate_zeros(ct), window=window,
-                                    stride=stride, padding=padding)]
+                                    stride=stride, padding=padding, native=native)]
 
 
 def _linear_in_second_jvp(prim, primals, tangents, **params):
@@ -307,22 +357,58 @@ def _linear_in_second_jvp(prim, primals, tangents, **params):
           prim.bind(index, ad.instantiate_zeros(tangents[1]), **params))
 
 
-for _prim, _impl, _static, _abstract, _transpose in (
-    (_pool_gather_p, _pool_gather_impl, ('window', 'stride', 'padding'),
-     _pool_gather_abstract, _pool_gather_transpose),
-    (_pool_scatter_p, _pool_scatter_impl, ('window', 'stride', 'padding', 'in_hw'),
-     _pool_scatter_abstract, _pool_scatter_transpose)):
-  _prim.def_impl(jax.jit(_impl, static_argnames=_static))
+for _prim, _impl, _cpu, _static, _abstract, _transpose in (
+    (_pool_gather_p, _pool_gather_impl, _pool_gather_cpu,
+     ('window', 'stride', 'padding', 'native'), _pool_gather_abstract,
+     _pool_gather_transpose),
+    (_pool_scatter_p, _pool_scatter_impl, _pool_scatter_cpu,
+     ('window', 'stride', 'padding', 'in_hw', 'native'), _pool_scatter_abstract,
+     _pool_scatter_transpose)):
+  _prim.def_impl(jax.jit(_prim.bind, static_argnames=_static))
   _prim.def_abstract_eval(_abstract)
   mlir.register_lowering(_prim, mlir.lower_fun(_impl, multiple_results=False))
+  mlir.register_lowering(_prim, mlir.lower_fun(_cpu, multiple_results=False),
+                         platform='cpu')
   ad.primitive_jvps[_prim] = functools.partial(_linear_in_second_jvp, _prim)
   ad.primitive_transposes[_prim] = _transpose
   batching.primitive_batchers[_prim] = functools.partial(
       depthwise_lib.batch_on_leading_axis, _prim)
 
+# The index: only bound with ``native`` (so only lowered to the kernel, on CPU); an
+# integer, so its derivative is zero.
+_pool_index_p.def_impl(jax.jit(_pool_index_p.bind,
+                               static_argnames=('window', 'stride', 'padding')))
+_pool_index_p.def_abstract_eval(_pool_index_abstract)
+mlir.register_lowering(_pool_index_p, mlir.lower_fun(_pool_index_impl, multiple_results=False))
+mlir.register_lowering(_pool_index_p, mlir.lower_fun(_pool_index_cpu, multiple_results=False),
+                       platform='cpu')
 
-def avg_pool(x, window: int = 3, stride: int = 1, pad: int = 1):
-  """Average pool that does not count the padding (count_include_pad=False)."""
+
+def _pool_index_jvp(primals, tangents, **params):
+  del tangents
+  index = _pool_index_p.bind(*primals, **params)
+  return index, ad.Zero(jax.typeof(index).to_tangent_aval())
+
+
+ad.primitive_jvps[_pool_index_p] = _pool_index_jvp
+batching.primitive_batchers[_pool_index_p] = functools.partial(
+    depthwise_lib.batch_on_leading_axis, _pool_index_p)
+
+
+def avg_pool(x, window: int = 3, stride: int = 1, pad: int = 1, impl: str = 'auto'):
+  """Average pool that does not count the padding (count_include_pad=False).
+
+  Where ``impl`` (a depthwise conv impl) resolves to 'native', x is [N, H, W, C] float32
+  and the padding is the conv's ((window - 1) // 2), the window sums are a depthwise conv
+  with a filter of ones (the native kernel, forward and backward), times the constant
+  1 / count."""
+  if (x.ndim == 4 and x.dtype == jnp.float32 and pad == (window - 1) // 2
+      and depthwise_lib.resolve_impl(impl) == 'native'):
+    ones = jnp.ones((window, window, x.shape[-1]), x.dtype)
+    total = depthwise_lib.depthwise_conv(x, ones, stride=stride, impl='native')
+    counts = [np.convolve(np.pad(np.ones(size), pad), np.ones(window), 'valid')[::stride]
+              for size in x.shape[1:3]]
+    return total * np.float32(1.0 / np.outer(*counts))[:, :, None]
   padding, dims, strides = _pool_padding(x, window, stride, pad)
   total = lax.reduce_window(x, 0.0, lax.add, dims, strides, padding)
   ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)

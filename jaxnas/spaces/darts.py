@@ -44,14 +44,14 @@ def matmul_channels(impl: str) -> bool:
   """Whether partial-channel slices and shuffles are computed as matmuls with 0/1
   matrices (``partial_channels.take_channels``): on the CPU path, where the depthwise
   convs are the fused shifted sums that a slice's padding would slow down."""
-  return depthwise_lib.resolve_impl(impl) == 'shifted'
+  return depthwise_lib.is_cpu_form(impl)
 
 
 def weighting(impl: str):
   """How the mixing weights (op weights, edge weights) scale their arrays: on the CPU
   path with ``ops.scale``, which keeps XLA:CPU from holding a full-size broadcast of
   each weight from the forward to the backward pass; elsewhere a plain product."""
-  if depthwise_lib.resolve_impl(impl) == 'shifted':
+  if depthwise_lib.is_cpu_form(impl):
     return ops.scale
   return lambda x, w: x * w
 
@@ -107,7 +107,7 @@ class MixedOp(nn.Module):
 
     pools = [p for p in self.primitives if p in POOL_OPS]
     if pools:
-      y = jnp.stack([POOL_OPS[p](x, 3, s, 1) for p in pools])
+      y = jnp.stack([POOL_OPS[p](x, 3, s, 1, impl=self.impl) for p in pools])
       y = ops.BatchNorm(self.train, grouped=True, batch_groups=self.bn_groups,
                         name='pool_bn')(y)
       out = out + sum(mul(y[g], weights[index[p]]) for g, p in enumerate(pools))

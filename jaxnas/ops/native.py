@@ -1,0 +1,190 @@
+"""jaxnas's native CPU kernels (``jaxnas/ops/csrc``), built on first use and called
+through the XLA FFI.
+
+The depthwise convs of the supernet are the bulk of its program: as XLA ops every one
+of their k*k taps is a handful of HLO instructions, so the batch-64 PC-DARTS step is
+some 300k fused instructions and most of its compile time. As FFI custom calls each
+conv is one instruction; so are max pooling's index of each window's first maximum, its
+gather and its transpose (``ops/primitives.py``), and the average pool becomes a
+depthwise conv with a filter of ones. The kernels are compiled once per machine with the system C++
+compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) against the FFI headers of the
+installed jaxlib, and the shared library is cached under ``$JAXNAS_CACHE_DIR`` (default
+``~/.cache/jaxnas``), keyed by the source, jaxlib's version, the compiler and the CPU.
+Where no compiler is found or the build fails, `available()` says so (the reason is in
+`unavailable_reason()`) and the depthwise convs stay XLA ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import pathlib
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jaxlib
+import numpy as np
+from absl import logging
+
+SOURCE = pathlib.Path(__file__).parent / 'csrc' / 'depthwise.cc'
+CACHE_ENV_VAR = 'JAXNAS_CACHE_DIR'
+CONV_TARGET = 'jaxnas_depthwise_conv'
+WEIGHT_GRAD_TARGET = 'jaxnas_depthwise_weight_grad'
+MAX_POOL_INDEX_TARGET = 'jaxnas_max_pool_index'
+POOL_GATHER_TARGET = 'jaxnas_pool_gather'
+POOL_SCATTER_TARGET = 'jaxnas_pool_scatter'
+_SYMBOLS = {CONV_TARGET: 'JaxnasDepthwiseConv',
+            WEIGHT_GRAD_TARGET: 'JaxnasDepthwiseWeightGrad',
+            MAX_POOL_INDEX_TARGET: 'JaxnasMaxPoolIndex',
+            POOL_GATHER_TARGET: 'JaxnasPoolGather',
+            POOL_SCATTER_TARGET: 'JaxnasPoolScatter'}
+_FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
+
+_lock = threading.Lock()
+_failure: str | None = None  # '' once loaded; the reason once a build failed.
+
+
+def available() -> bool:
+  """Whether the kernels are loaded and registered, building them if need be."""
+  global _failure
+  with _lock:
+    if _failure is None:
+      try:
+        library = ctypes.cdll.LoadLibrary(str(_build()))
+        for target, symbol in _SYMBOLS.items():
+          jax.ffi.register_ffi_target(
+              target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+        _failure = ''
+      except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+        _failure = str(e)
+        logging.warning('jaxnas native CPU kernels unavailable, the depthwise convs stay '
+                        'XLA ops: %s', _failure)
+  return not _failure
+
+
+def unavailable_reason() -> str:
+  """Why `available()` is False ('' when it is True or was not asked yet)."""
+  return _failure or ''
+
+
+def cache_dir() -> pathlib.Path:
+  base = os.environ.get(CACHE_ENV_VAR) or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'jaxnas')
+  return pathlib.Path(base)
+
+
+def _compiler() -> str:
+  for name in (os.environ.get('CXX'), 'c++', 'g++', 'clang++'):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  raise RuntimeError('no C++ compiler found (set $CXX or install g++)')
+
+
+def _cpu_signature() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      lines = [l for l in f if l.startswith(('model name', 'flags'))]
+    return ''.join(sorted(set(lines)))
+  except OSError:
+    return platform.processor()
+
+
+def _build() -> pathlib.Path:
+  """The path of the shared library, compiling it if the cache has none for this key."""
+  compiler = _compiler()
+  source = SOURCE.read_bytes()
+  version = subprocess.run([compiler, '--version'], capture_output=True, text=True,
+                           check=True).stdout
+  key = hashlib.sha256(b'\0'.join(s.encode() if isinstance(s, str) else s for s in (
+      source, jaxlib.__version__, compiler, version, ' '.join(_FLAGS),
+      _cpu_signature()))).hexdigest()[:16]
+  target = cache_dir() / f'depthwise-{key}.so'
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  logging.info('Building the jaxnas native CPU kernels into %s', target)
+  # Compiled to a temporary name and renamed: processes building at once never load a
+  # partly written library.
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
+  os.close(fd)
+  try:
+    result = subprocess.run(
+        [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', tmp],
+        capture_output=True, text=True)
+    if result.returncode:
+      raise RuntimeError(f'compiling {SOURCE.name} failed: {result.stderr.strip()[-2000:]}')
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return target
+
+
+def _geometry_attrs(geo) -> dict[str, np.int64]:
+  (h_lo, h_hi), (w_lo, w_hi) = geo.padding
+  return dict(stride=np.int64(geo.stride), lhs_dilation=np.int64(geo.lhs_dilation),
+              rhs_dilation=np.int64(geo.rhs_dilation), pad_h_lo=np.int64(h_lo),
+              pad_h_hi=np.int64(h_hi), pad_w_lo=np.int64(w_lo), pad_w_hi=np.int64(w_hi))
+
+
+def conv(x, w, geo, out_shape):
+  """The depthwise conv of x [*B, N, H, W, C] with w [*B, kh, kw, C] (float32) in the
+  geometry ``geo`` (a ``depthwise._Geometry``), as one FFI call."""
+  return jax.ffi.ffi_call(CONV_TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype))(
+      x, w, **_geometry_attrs(geo))
+
+
+def weight_grad(x, g, geo, out_shape):
+  """The weight gradient [*B, kh, kw, C] of that conv for the output cotangent g."""
+  return jax.ffi.ffi_call(WEIGHT_GRAD_TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype))(
+      x, g, **_geometry_attrs(geo))
+
+
+def _pool_attrs(window, stride, padding) -> dict[str, np.int64]:
+  (h_lo, _), (w_lo, _) = padding
+  return dict(window=np.int64(window), stride=np.int64(stride), pad_h_lo=np.int64(h_lo),
+              pad_w_lo=np.int64(w_lo))
+
+
+def max_pool_index(x, window, stride, padding, out_shape):
+  """For x [*B, N, H, W, C] (float32) padded by ``padding`` with -inf: the int8 tap of
+  each window's first maximum, [*B, N, Ho, Wo, C]."""
+  return jax.ffi.ffi_call(MAX_POOL_INDEX_TARGET, jax.ShapeDtypeStruct(out_shape, np.int8))(
+      x, **_pool_attrs(window, stride, padding))
+
+
+def pool_gather(index, t, window, stride, padding):
+  """t (shaped as the pool's input) read at each output's tap ``index``."""
+  return jax.ffi.ffi_call(POOL_GATHER_TARGET, jax.ShapeDtypeStruct(index.shape, t.dtype))(
+      index, t, **_pool_attrs(window, stride, padding))
+
+
+def pool_scatter(index, g, window, stride, padding, out_shape):
+  """The transpose of `pool_gather` in t: each g added where its index points."""
+  return jax.ffi.ffi_call(POOL_SCATTER_TARGET, jax.ShapeDtypeStruct(out_shape, g.dtype))(
+      index, g, **_pool_attrs(window, stride, padding))
+
+
+_SHAPE = r'f32\[([\d,]*)\]'
+_CALL = re.compile(rf'= {_SHAPE}\S* custom-call\(.*?custom_call_target="(\w+)", '
+                   rf'operand_layout_constraints={{{_SHAPE}\S*, {_SHAPE}')
+
+
+def custom_call_flops(hlo_text: str) -> float:
+  """FLOPs (2 per multiply-add) of the kernels' calls in a compiled program's HLO text
+  (``compiled.as_text()``), which XLA's cost analysis counts as zero."""
+  total = 0.0
+  for out, target, _, second in _CALL.findall(hlo_text):
+    out, second = ([int(d) for d in s.split(',') if d] for s in (out, second))
+    if target == CONV_TARGET:  # (x, w) -> y: every output element takes kh * kw taps.
+      total += 2 * math.prod(out) * math.prod(second[-3:-1])
+    elif target == WEIGHT_GRAD_TARGET:  # (x, g) -> dw: every g element, kh * kw taps.
+      total += 2 * math.prod(second) * math.prod(out[-3:-1])
+  return total
