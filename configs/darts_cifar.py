@@ -7,8 +7,8 @@ default; ``--config.optim.order=2`` runs the exact unrolled second order.
   python -m jaxnas.main --config=configs/darts_cifar.py --workdir=/tmp/darts_cifar
 
 Needs CIFAR-10 prepared with TFDS. Paper (second order): 2.76 +- 0.09 % test error,
-3.3M parameters after retraining. Measured on a 2-core CPU: 14.0 s per first-order step
-at batch 64 (189 s to compile), so a GPU/TPU job; no full search has been run with jaxnas
+3.3M parameters after retraining. Measured on a 2-core CPU: 11.6 s per first-order step
+at batch 64 (79 s to compile, with the native CPU kernels), so a GPU/TPU job; no full search has been run with jaxnas
 yet. ``configs/darts_cifar.py:smoke`` checks a setup end to end on CPU.
 """
 

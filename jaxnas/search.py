@@ -371,7 +371,8 @@ def compile_search_step(model, weight_tx, arch_tx, config, steps_per_epoch,
   compiles a program mostly on one core; one at a time, the host memory of compiling,
   of writing the programs to the persistent compilation cache and of loading them from
   it stays at or below that of the one program (on a 2-core CPU for the batch-64
-  PC-DARTS step: 3.4-3.5, 3.8-4.0 and 3.3 GB peak RSS against 3.5-3.6, 4.6 and 4.2 GB)."""
+  PC-DARTS step with its depthwise convs as XLA ops: 3.4-3.5, 3.8-4.0 and 3.3 GB peak
+  RSS against 3.5-3.6, 4.6 and 4.2 GB)."""
   phases = make_search_phases(model, weight_tx, arch_tx, config, steps_per_epoch)
   compiled = compile_all(
       *[(jit_search_step(phase, mesh), (state, train_batch, val_batch)) for phase in phases],
