@@ -6,12 +6,13 @@ of their k*k taps is a handful of HLO instructions, so the batch-64 PC-DARTS ste
 some 300k fused instructions and most of its compile time. As FFI custom calls each
 conv is one instruction; so are max pooling's index of each window's first maximum, its
 gather and its transpose (``ops/primitives.py``), and the average pool becomes a
-depthwise conv with a filter of ones. The kernels are compiled once per machine with the system C++
-compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) against the FFI headers of the
-installed jaxlib, and the shared library is cached under ``$JAXNAS_CACHE_DIR`` (default
-``~/.cache/jaxnas``), keyed by the source, jaxlib's version, the compiler and the CPU.
-Where no compiler is found or the build fails, `available()` says so (the reason is in
-`unavailable_reason()`) and the depthwise convs stay XLA ops.
+depthwise conv with a filter of ones. The kernels are compiled once per machine with
+the system C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) against the FFI
+headers of the installed jaxlib, and the shared library is cached under
+``$JAXNAS_CACHE_DIR`` (default ``~/.cache/jaxnas``), keyed by the source, jaxlib's
+version, the compiler and the CPU. Where no compiler is found or the build fails,
+`available()` says so (the reason is in `unavailable_reason()`) and the convs and pools
+stay XLA ops.
 """
 
 from __future__ import annotations
