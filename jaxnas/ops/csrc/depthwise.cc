@@ -269,6 +269,16 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 }  // namespace
 
+// A handler of the intra-op thread pool and buffers of the given element types.
+#define JAXNAS_BIND_1_TO_1(In, Out) \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<In>>().Ret<ffi::Buffer<Out>>()
+#define JAXNAS_BIND_2_TO_1(In0, In1, Out)                                   \
+  ffi::Ffi::Bind()                                                          \
+      .Ctx<ffi::ThreadPool>()                                               \
+      .Arg<ffi::Buffer<In0>>()                                              \
+      .Arg<ffi::Buffer<In1>>()                                              \
+      .Ret<ffi::Buffer<Out>>()
+
 #define JAXNAS_BIND_GEOMETRY(binding)                                             \
   binding.Attr<int64_t>("stride")                                                 \
       .Attr<int64_t>("lhs_dilation")                                              \
@@ -280,19 +290,11 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxnasDepthwiseConv, Conv,
-    JAXNAS_BIND_GEOMETRY(ffi::Ffi::Bind()
-                             .Ctx<ffi::ThreadPool>()
-                             .Arg<ffi::Buffer<ffi::F32>>()
-                             .Arg<ffi::Buffer<ffi::F32>>()
-                             .Ret<ffi::Buffer<ffi::F32>>()));
+    JAXNAS_BIND_GEOMETRY(JAXNAS_BIND_2_TO_1(ffi::F32, ffi::F32, ffi::F32)));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxnasDepthwiseWeightGrad, WeightGrad,
-    JAXNAS_BIND_GEOMETRY(ffi::Ffi::Bind()
-                             .Ctx<ffi::ThreadPool>()
-                             .Arg<ffi::Buffer<ffi::F32>>()
-                             .Arg<ffi::Buffer<ffi::F32>>()
-                             .Ret<ffi::Buffer<ffi::F32>>()));
+    JAXNAS_BIND_GEOMETRY(JAXNAS_BIND_2_TO_1(ffi::F32, ffi::F32, ffi::F32)));
 
 // ---------------------------------------------------------------------------------
 // Max pooling through the index of each window's first maximum (jaxnas/ops/primitives.py):
@@ -312,6 +314,21 @@ template <typename Body>
 ffi::Error ForEachPoolSample(ffi::ThreadPool& pool, const Dims& d, Body body) {
   ParallelFor(pool, d.e * d.n, 1 << 30, [&](int64_t item, int) { body(item); });
   return ffi::Error::Success();
+}
+
+// Calls pick(o, i) for every output element o of one sample (offsets within the
+// sample), with i the offset of the input element its index points to, or -1 where that
+// is padding.
+template <typename Pick>
+void ForEachPick(const int8_t* index, const Dims& d, const PoolGeometry& g, Pick pick) {
+  for (int64_t r = 0; r < g.ho; ++r)
+    for (int64_t q = 0; q < g.wo; ++q)
+      for (int64_t c = 0; c < d.c; ++c) {
+        const int64_t o = (r * g.wo + q) * d.c + c;
+        const int64_t h = r * g.stride + index[o] / g.window - g.pad_h_lo;
+        const int64_t w = q * g.stride + index[o] % g.window - g.pad_w_lo;
+        pick(o, (h < 0 || h >= d.h || w < 0 || w >= d.w) ? -1 : (h * d.w + w) * d.c + c);
+      }
 }
 
 ffi::Error MaxPoolIndex(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -360,14 +377,7 @@ ffi::Error PoolGather(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> index,
     const float* ti = ts + item * d.h * d.w * d.c;
     const int8_t* ii = is + item * g.ho * g.wo * d.c;
     float* oi = os + item * g.ho * g.wo * d.c;
-    for (int64_t r = 0; r < g.ho; ++r)
-      for (int64_t q = 0; q < g.wo; ++q)
-        for (int64_t c = 0; c < d.c; ++c) {
-          const int64_t o = (r * g.wo + q) * d.c + c;
-          const int64_t h = r * stride + ii[o] / window - pad_h_lo;
-          const int64_t w = q * stride + ii[o] % window - pad_w_lo;
-          oi[o] = (h < 0 || h >= d.h || w < 0 || w >= d.w) ? 0.0f : ti[(h * d.w + w) * d.c + c];
-        }
+    ForEachPick(ii, d, g, [&](int64_t o, int64_t i) { oi[o] = i < 0 ? 0.0f : ti[i]; });
   });
 }
 
@@ -385,14 +395,9 @@ ffi::Error PoolScatter(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> index,
     const float* gi = gs + item * g.ho * g.wo * d.c;
     float* xi = xs + item * d.h * d.w * d.c;
     std::fill(xi, xi + d.h * d.w * d.c, 0.0f);
-    for (int64_t r = 0; r < g.ho; ++r)
-      for (int64_t q = 0; q < g.wo; ++q)
-        for (int64_t c = 0; c < d.c; ++c) {
-          const int64_t o = (r * g.wo + q) * d.c + c;
-          const int64_t h = r * stride + ii[o] / window - pad_h_lo;
-          const int64_t w = q * stride + ii[o] % window - pad_w_lo;
-          if (h >= 0 && h < d.h && w >= 0 && w < d.w) xi[(h * d.w + w) * d.c + c] += gi[o];
-        }
+    ForEachPick(ii, d, g, [&](int64_t o, int64_t i) {
+      if (i >= 0) xi[i] += gi[o];
+    });
   });
 }
 
@@ -404,25 +409,13 @@ ffi::Error PoolScatter(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> index,
       .Attr<int64_t>("pad_h_lo")                                                  \
       .Attr<int64_t>("pad_w_lo")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxnasMaxPoolIndex, MaxPoolIndex,
-    JAXNAS_BIND_POOL(ffi::Ffi::Bind()
-                         .Ctx<ffi::ThreadPool>()
-                         .Arg<ffi::Buffer<ffi::F32>>()
-                         .Ret<ffi::Buffer<ffi::S8>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnasMaxPoolIndex, MaxPoolIndex,
+                              JAXNAS_BIND_POOL(JAXNAS_BIND_1_TO_1(ffi::F32, ffi::S8)));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxnasPoolGather, PoolGather,
-    JAXNAS_BIND_POOL(ffi::Ffi::Bind()
-                         .Ctx<ffi::ThreadPool>()
-                         .Arg<ffi::Buffer<ffi::S8>>()
-                         .Arg<ffi::Buffer<ffi::F32>>()
-                         .Ret<ffi::Buffer<ffi::F32>>()));
+    JAXNAS_BIND_POOL(JAXNAS_BIND_2_TO_1(ffi::S8, ffi::F32, ffi::F32)));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxnasPoolScatter, PoolScatter,
-    JAXNAS_BIND_POOL(ffi::Ffi::Bind()
-                         .Ctx<ffi::ThreadPool>()
-                         .Arg<ffi::Buffer<ffi::S8>>()
-                         .Arg<ffi::Buffer<ffi::F32>>()
-                         .Ret<ffi::Buffer<ffi::F32>>()));
+    JAXNAS_BIND_POOL(JAXNAS_BIND_2_TO_1(ffi::S8, ffi::F32, ffi::F32)));
