@@ -91,8 +91,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if m.stem not in ('cifar', 'imagenet'):
     fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
   if m.depthwise_impl not in depthwise.IMPLS:
-    fail('model.depthwise_impl',
-         f"is {m.depthwise_impl!r}; choose 'auto', 'xla', 'shifted' or 'native'.")
+    fail('model.depthwise_impl', f'is {m.depthwise_impl!r}; choose one of {depthwise.IMPLS}.')
   unknown = [p for p in m.primitives if p not in genotypes.PRIMITIVES]
   if unknown or not [p for p in m.primitives if p != 'none']:
     fail('model.primitives', f'must be ops of {genotypes.PRIMITIVES} (not only none), '

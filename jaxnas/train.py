@@ -78,8 +78,7 @@ def validate_config(config: ml_collections.ConfigDict) -> genotypes.Genotype:
   if m.stem not in ('cifar', 'imagenet'):
     fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
   if m.depthwise_impl not in depthwise.IMPLS:
-    fail('model.depthwise_impl',
-         f"is {m.depthwise_impl!r}; choose 'auto', 'xla', 'shifted' or 'native'.")
+    fail('model.depthwise_impl', f'is {m.depthwise_impl!r}; choose one of {depthwise.IMPLS}.')
   if not 0 <= m.drop_path < 1:
     fail('model.drop_path', f'must be in [0, 1), got {m.drop_path}.')
   if m.auxiliary_weight < 0:

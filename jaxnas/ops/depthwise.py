@@ -319,7 +319,7 @@ def _weight_grad_cpu(x, g, *, geo, k_hw, native):
   return _weight_grad_impl(x, g, geo=geo, k_hw=k_hw)
 
 
-def batch_on_leading_axis(prim, args, dims, **params):
+def _batch_on_leading_axis(prim, args, dims, **params):
   """A batching rule for primitives whose implementations take leading batch axes on
   every operand: moves the vmapped axis to the front of each (broadcasting one that is
   not mapped)."""
@@ -329,16 +329,21 @@ def batch_on_leading_axis(prim, args, dims, **params):
   return prim.bind(*args, **params), 0
 
 
-for _prim, _impl, _cpu, _static, _abstract, _tx, _ty in (
-    (_conv_p, _conv_impl, _conv_cpu, ('geo', 'native'), _conv_abstract,
-     _conv_transpose_x, _conv_transpose_w),
-    (_weight_grad_p, _weight_grad_impl, _weight_grad_cpu, ('geo', 'k_hw', 'native'),
-     _weight_grad_abstract, _weight_grad_transpose_x, _weight_grad_transpose_g)):
-  _prim.def_impl(jax.jit(_prim.bind, static_argnames=_static))
-  _prim.def_abstract_eval(_abstract)
-  # 'native' (the FFI kernels) exists on CPU only; elsewhere both forms are XLA ops.
-  mlir.register_lowering(_prim, mlir.lower_fun(_impl, multiple_results=False))
-  mlir.register_lowering(_prim, mlir.lower_fun(_cpu, multiple_results=False),
+def define_primitive(prim, abstract, xla_form, cpu_form, static_argnames):
+  """Gives ``prim`` its abstract evaluation, eager evaluation (itself, jitted), its
+  lowering to ``xla_form`` on every platform and to ``cpu_form`` on CPU (the native
+  kernels exist there only; ``cpu_form`` falls back to XLA ops where they are not
+  chosen), and batching on a leading axis. Both forms take the primitive's params."""
+  prim.def_impl(jax.jit(prim.bind, static_argnames=static_argnames))
+  prim.def_abstract_eval(abstract)
+  mlir.register_lowering(prim, mlir.lower_fun(xla_form, multiple_results=False))
+  mlir.register_lowering(prim, mlir.lower_fun(cpu_form, multiple_results=False),
                          platform='cpu')
-  ad.defbilinear(_prim, _tx, _ty)
-  batching.primitive_batchers[_prim] = functools.partial(batch_on_leading_axis, _prim)
+  batching.primitive_batchers[prim] = functools.partial(_batch_on_leading_axis, prim)
+
+
+define_primitive(_conv_p, _conv_abstract, _conv_impl, _conv_cpu, ('geo', 'native'))
+define_primitive(_weight_grad_p, _weight_grad_abstract, _weight_grad_impl,
+                 _weight_grad_cpu, ('geo', 'k_hw', 'native'))
+ad.defbilinear(_conv_p, _conv_transpose_x, _conv_transpose_w)
+ad.defbilinear(_weight_grad_p, _weight_grad_transpose_x, _weight_grad_transpose_g)

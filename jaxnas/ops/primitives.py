@@ -16,8 +16,6 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 from jax.interpreters import ad
-from jax.interpreters import batching
-from jax.interpreters import mlir
 
 from jaxnas.ops import depthwise as depthwise_lib
 from jaxnas.ops import native as native_lib
@@ -357,31 +355,20 @@ def _linear_in_second_jvp(prim, primals, tangents, **params):
           prim.bind(index, ad.instantiate_zeros(tangents[1]), **params))
 
 
-for _prim, _impl, _cpu, _static, _abstract, _transpose in (
-    (_pool_gather_p, _pool_gather_impl, _pool_gather_cpu,
-     ('window', 'stride', 'padding', 'native'), _pool_gather_abstract,
-     _pool_gather_transpose),
-    (_pool_scatter_p, _pool_scatter_impl, _pool_scatter_cpu,
-     ('window', 'stride', 'padding', 'in_hw', 'native'), _pool_scatter_abstract,
-     _pool_scatter_transpose)):
-  _prim.def_impl(jax.jit(_prim.bind, static_argnames=_static))
-  _prim.def_abstract_eval(_abstract)
-  mlir.register_lowering(_prim, mlir.lower_fun(_impl, multiple_results=False))
-  mlir.register_lowering(_prim, mlir.lower_fun(_cpu, multiple_results=False),
-                         platform='cpu')
+depthwise_lib.define_primitive(_pool_gather_p, _pool_gather_abstract, _pool_gather_impl,
+                               _pool_gather_cpu, ('window', 'stride', 'padding', 'native'))
+depthwise_lib.define_primitive(_pool_scatter_p, _pool_scatter_abstract, _pool_scatter_impl,
+                               _pool_scatter_cpu,
+                               ('window', 'stride', 'padding', 'in_hw', 'native'))
+for _prim, _transpose in ((_pool_gather_p, _pool_gather_transpose),
+                          (_pool_scatter_p, _pool_scatter_transpose)):
   ad.primitive_jvps[_prim] = functools.partial(_linear_in_second_jvp, _prim)
   ad.primitive_transposes[_prim] = _transpose
-  batching.primitive_batchers[_prim] = functools.partial(
-      depthwise_lib.batch_on_leading_axis, _prim)
 
 # The index: only bound with ``native`` (so only lowered to the kernel, on CPU); an
 # integer, so its derivative is zero.
-_pool_index_p.def_impl(jax.jit(_pool_index_p.bind,
-                               static_argnames=('window', 'stride', 'padding')))
-_pool_index_p.def_abstract_eval(_pool_index_abstract)
-mlir.register_lowering(_pool_index_p, mlir.lower_fun(_pool_index_impl, multiple_results=False))
-mlir.register_lowering(_pool_index_p, mlir.lower_fun(_pool_index_cpu, multiple_results=False),
-                       platform='cpu')
+depthwise_lib.define_primitive(_pool_index_p, _pool_index_abstract, _pool_index_impl,
+                               _pool_index_cpu, ('window', 'stride', 'padding'))
 
 
 def _pool_index_jvp(primals, tangents, **params):
@@ -391,8 +378,6 @@ def _pool_index_jvp(primals, tangents, **params):
 
 
 ad.primitive_jvps[_pool_index_p] = _pool_index_jvp
-batching.primitive_batchers[_pool_index_p] = functools.partial(
-    depthwise_lib.batch_on_leading_axis, _pool_index_p)
 
 
 def avg_pool(x, window: int = 3, stride: int = 1, pad: int = 1, impl: str = 'auto'):
