@@ -30,10 +30,14 @@ Three implementations:
   Both primitives are bilinear, and every transpose of one is again one of the
   two, so forward mode, reverse mode and any nesting (DARTS second order,
   Hessian-vector products by jvp-of-grad or grad-of-grad) stay in these fast
-  forms. Linearization keeps only x and w as residuals. Both have batching rules:
-  under `jax.vmap` (a stacked edge axis with per-edge filters) the batch axis
-  becomes a leading axis of the same fused loops (faster than folding edges
-  into channels, which needs transposes).
+  forms. Linearization keeps only x and w as residuals. Both take the ReLU in
+  front of the conv as a flag (``relu``): the rectified input is never an array
+  of its own, and the backward pass keeps x instead of relu(x). Both have
+  batching rules: under `jax.vmap` (a stacked edge axis with per-edge filters)
+  the batch axis becomes a leading axis of the same fused loops (faster than
+  folding edges into channels, which needs transposes), and an input that is
+  not mapped (all edges leaving one state read it) stays one array that every
+  filter reads, instead of a copy per edge.
   XLA fuses cheap producers of x or of the cotangent (ReLU, BatchNorm) into the
   k*k-tap loops and recomputes them per tap; that is fine for those ops but
   costly for transcendental ones (e.g. a sin/cos directly around the conv).
@@ -41,8 +45,8 @@ Three implementations:
   kernels called through the XLA FFI (`jaxnas/ops/native.py`, built on first use)
   instead of XLA ops. Each conv is then one instruction of the program rather than
   k*k taps of several each. With the pools' kernels (`ops/primitives.py`) the
-  batch-64 PC-DARTS search step compiles in 54-58 s instead of 97-121 s and steps in
-  2.2-2.3 s instead of 2.5-2.7 s on a 2-core CPU. float32 only: other dtypes take
+  batch-64 PC-DARTS search step compiles in 50-59 s instead of 97-121 s and steps in
+  2.1-2.3 s instead of 2.5-2.7 s on a 2-core CPU. float32 only: other dtypes take
   the 'shifted' ops.
 
 'auto' picks 'native' on the CPU backend where the kernels build ('shifted' where
@@ -97,11 +101,14 @@ def is_cpu_form(impl: str) -> bool:
 
 
 def depthwise_conv(x: jax.Array, w: jax.Array, *, stride: int = 1,
-                   dilation: int = 1, impl: str = 'auto') -> jax.Array:
-  """Depthwise conv of x [N, H, W, C] with w [kh, kw, C], 'same'-style padding.
+                   dilation: int = 1, impl: str = 'auto', relu: bool = False) -> jax.Array:
+  """Depthwise conv of x [N, H, W, C] (of relu(x) where ``relu``) with w [kh, kw, C],
+  'same'-style padding.
 
   Padding is dilation*(k-1)//2 on each side, so the output is [N, Ho, Wo, C]
-  with Ho = (H + 2p - dilation*(kh-1) - 1) // stride + 1.
+  with Ho = (H + 2p - dilation*(kh-1) - 1) // stride + 1. With ``relu`` the rectified
+  input is not a separate array: the kernels read x through the relu, and the backward
+  pass keeps x (which the network keeps anyway) instead of relu(x).
   """
   _check_args(x, w, stride, dilation)
   dtype = jnp.result_type(x, w)
@@ -110,17 +117,20 @@ def depthwise_conv(x: jax.Array, w: jax.Array, *, stride: int = 1,
   pads = ((dilation * (kh - 1) // 2,) * 2, (dilation * (kw - 1) // 2,) * 2)
   impl = resolve_impl(impl)
   if impl == 'xla':
+    if relu:
+      x = jax.nn.relu(x)
     return lax.conv_general_dilated(
         x, w[:, :, None, :], window_strides=(stride, stride), padding=pads,
         rhs_dilation=(dilation, dilation),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=x.shape[-1])
   return _conv_p.bind(x, w, geo=_Geometry(stride, 1, dilation, pads),
-                     native=impl == 'native')
+                     native=impl == 'native', flip=False, relu=relu)
 
 
 def depthwise_conv_batched(x: jax.Array, w: jax.Array, *, stride: int = 1,
-                           dilation: int = 1, impl: str = 'auto') -> jax.Array:
+                           dilation: int = 1, impl: str = 'auto',
+                           relu: bool = False) -> jax.Array:
   """`depthwise_conv` per leading index: x [E, N, H, W, C], w [E, kh, kw, C].
 
   The supernet's stacked edges; the same as `jax.vmap(depthwise_conv)`.
@@ -130,7 +140,7 @@ def depthwise_conv_batched(x: jax.Array, w: jax.Array, *, stride: int = 1,
         'depthwise_conv_batched expects x [E, N, H, W, C] and w [E, kh, kw, C] '
         f'with the same E; got x {x.shape} and w {w.shape}.')
   conv = functools.partial(depthwise_conv, stride=stride, dilation=dilation,
-                           impl=impl)
+                           impl=impl, relu=relu)
   return jax.vmap(conv)(x, w)
 
 
@@ -218,8 +228,14 @@ def transposed_pool_windows(y, window: int, stride: int, padding, in_hw, fill):
   return _taps(y, (window, window), geo, fill)
 
 
-def _conv_impl(x, w, *, geo: _Geometry, native: bool = False):
+def _conv_impl(x, w, *, geo: _Geometry, native: bool = False, flip: bool = False,
+               relu: bool = False):
+  """The conv of x (of relu(x) where ``relu``) with w, or with w mirrored in both
+  spatial axes where ``flip`` (as the input gradient's conv takes it)."""
   del native  # The XLA form; the kernels are chosen by the CPU lowering (_conv_cpu).
+  x = _shared_input(x, w.shape[:w.ndim - 3], relu)
+  if flip:
+    w = _flip(w)
   lead = x.ndim - 4
   windows = _taps(x, w.shape[-3:-1], geo)
   w = w.reshape(*w.shape[:lead], -1, w.shape[-1])  # [*B, k*k, C]
@@ -234,13 +250,16 @@ def _conv_impl(x, w, *, geo: _Geometry, native: bool = False):
   return out
 
 
-def _weight_grad_impl(x, g, *, geo: _Geometry, k_hw, native: bool = False):
-  """dw[i, j, c] = sum_{n, h, w} window_ij(x)[n, h, w, c] * g[n, h, w, c].
+def _weight_grad_impl(x, g, *, geo: _Geometry, k_hw, native: bool = False,
+                      relu: bool = False):
+  """dw[i, j, c] = sum_{n, h, w} window_ij(x)[n, h, w, c] * g[n, h, w, c] (x read as
+  relu(x) where ``relu``).
 
   Equivalently sum_{n, h, w} x * window'(g) with window' the mirrored tap of g
   in the transposed geometry; that form is used where x is not larger than g.
   """
   del native  # As in _conv_impl.
+  x = _shared_input(x, g.shape[:g.ndim - 4], relu)
   acc = jnp.promote_types(x.dtype, jnp.float32)
   in_hw = x.shape[-3:-1]
   if in_hw[0] * in_hw[1] <= g.shape[-3] * g.shape[-2]:
@@ -265,6 +284,21 @@ def _flip(w):
   return lax.rev(w, (w.ndim - 3, w.ndim - 2))
 
 
+def _shared_input(x, lead, relu):
+  """x [*Bx, N, H, W, C] (relu-ed where ``relu``) broadcast to the leading axes ``lead``,
+  of which *Bx are the last: the XLA forms' view of an input shared by several filters."""
+  if relu:
+    x = jnp.maximum(x, jnp.zeros((), x.dtype))
+  return jnp.broadcast_to(x, (*lead, *x.shape[-4:]))
+
+
+def _sum_to(t, shape):
+  """t [*B, *shape[-k:]] summed over the leading axes that ``shape`` lacks (the transpose
+  of sharing an input, `_shared_input`)."""
+  extra = t.ndim - len(shape)
+  return jnp.sum(t, tuple(range(extra))) if extra else t
+
+
 # ----------------------------------------------------------------------------
 # Primitives and their rules.
 # ----------------------------------------------------------------------------
@@ -273,50 +307,118 @@ _conv_p = jex_core.Primitive('jaxnas_depthwise_conv')
 _weight_grad_p = jex_core.Primitive('jaxnas_depthwise_weight_grad')
 
 
-def _conv_abstract(x, w, *, geo, native=False):
-  del native
+def _conv_abstract(x, w, *, geo, native=False, flip=False, relu=False):
+  del native, flip, relu
   ho = _out_size(x.shape[-3], w.shape[-3], geo.padding[0], geo)
   wo = _out_size(x.shape[-2], w.shape[-2], geo.padding[1], geo)
-  return jax.core.ShapedArray((*x.shape[:-3], ho, wo, x.shape[-1]), x.dtype)
+  return jax.core.ShapedArray((*w.shape[:-3], x.shape[-4], ho, wo, x.shape[-1]), x.dtype)
 
 
-def _weight_grad_abstract(x, g, *, geo, k_hw, native=False):
-  del g, geo, native
-  return jax.core.ShapedArray((*x.shape[:-4], *k_hw, x.shape[-1]), x.dtype)
+def _weight_grad_abstract(x, g, *, geo, k_hw, native=False, relu=False):
+  del geo, native, relu
+  return jax.core.ShapedArray((*g.shape[:-4], *k_hw, x.shape[-1]), x.dtype)
 
 
-def _conv_transpose_x(ct, x, w, *, geo, native):
-  in_hw = x.aval.shape[-3:-1]
-  return _conv_p.bind(ct, _flip(w), geo=_transpose(geo, in_hw, w.shape[-3:-1]),
-                      native=native)
+# where(x > 0, t, 0): the ReLU's tangent map, linear in t. A primitive so that its
+# linearization keeps x (which the network keeps anyway), not a mask or a zero array.
+_relu_mask_p = jex_core.Primitive('jaxnas_relu_mask')
 
 
-def _conv_transpose_w(ct, x, w, *, geo, native):
-  return _weight_grad_p.bind(x, ct, geo=geo, k_hw=tuple(w.aval.shape[-3:-1]),
-                             native=native)
+def _relu_mask_impl(x, t):
+  return jnp.where(x > 0, t, jnp.zeros((), t.dtype))
 
 
-def _weight_grad_transpose_x(ct, x, g, *, geo, k_hw, native):
-  in_hw = x.aval.shape[-3:-1]
-  return _conv_p.bind(g, _flip(ct), geo=_transpose(geo, in_hw, k_hw), native=native)
+def _masked(dx, x, relu):
+  return _relu_mask_p.bind(x, dx) if relu else dx
 
 
-def _weight_grad_transpose_g(ct, x, g, *, geo, k_hw, native):
-  del g, k_hw
-  return _conv_p.bind(x, ct, geo=geo, native=native)
+# Both conv primitives are bilinear in (relu(x), w) and (relu(x), g): linear in w and
+# g, and in x where ``relu`` is off. Their JVPs say so, with the ReLU's mask applied to
+# the x-tangent, so every transpose needed is of a linear use and is again one of the
+# two primitives (one with ``relu`` is only ever transposed in its second operand). The
+# input gradient's conv reads the filter mirrored: a ``flip`` parameter rather than a
+# reversed copy (on CPU the kernel reads the taps backwards). An x shared by several
+# filters (fewer leading axes, `_batch_shared_input`) gets its input gradient summed
+# over the filters that share it.
 
 
-def _conv_cpu(x, w, *, geo, native):
+def linear_in_second_jvp(prim, primals, tangents, **params):
+  """The JVP of a primitive linear in its second operand and constant in its first
+  (an integer index, or a mask's source)."""
+  first, v = primals
+  return (prim.bind(first, v, **params),
+          prim.bind(first, ad.instantiate_zeros(tangents[1]), **params))
+
+
+def _bilinear_jvp(prim, primals, tangents, **params):
+  (x, v), (dx, dv) = primals, tangents
+  out = prim.bind(x, v, **params)
+  terms = []
+  if type(dx) is not ad.Zero:
+    terms.append(prim.bind(_masked(dx, x, params['relu']), v, **{**params, 'relu': False}))
+  if type(dv) is not ad.Zero:
+    terms.append(prim.bind(x, dv, **params))
+  if not terms:
+    return out, ad.Zero(jax.typeof(out).to_tangent_aval())
+  return out, functools.reduce(jnp.add, terms)
+
+
+def _input_gradient(x, data, filters, *, geo, k_hw, native, flip, relu, what):
+  """The transpose in x: the conv of ``data`` with ``filters`` (mirrored where ``flip``)
+  in the transposed geometry, summed over the filters that share x."""
+  if relu:
+    raise NotImplementedError(f'The {what} of relu(x) is not linear in x.')
+  full = _conv_p.bind(data, filters, geo=_transpose(geo, x.aval.shape[-3:-1], k_hw),
+                      native=native, flip=flip, relu=False)
+  return [_sum_to(full, x.aval.shape), None]
+
+
+def _conv_transpose(ct, x, w, *, geo, native, flip, relu):
+  ct = ad.instantiate_zeros(ct)
+  if ad.is_undefined_primal(x):
+    return _input_gradient(x, ct, w, geo=geo, k_hw=w.shape[-3:-1], native=native,
+                           flip=not flip, relu=relu, what='depthwise conv')
+  dw = _weight_grad_p.bind(x, ct, geo=geo, k_hw=tuple(w.aval.shape[-3:-1]), native=native,
+                           relu=relu)
+  return [None, _flip(dw) if flip else dw]
+
+
+def _weight_grad_transpose(ct, x, g, *, geo, k_hw, native, relu):
+  ct = ad.instantiate_zeros(ct)
+  if ad.is_undefined_primal(x):
+    return _input_gradient(x, g, ct, geo=geo, k_hw=k_hw, native=native, flip=True,
+                           relu=relu, what='depthwise weight gradient')
+  return [None, _conv_p.bind(x, ct, geo=geo, native=native, flip=False, relu=relu)]
+
+
+def _conv_cpu(x, w, *, geo, native, flip, relu):
   if native and x.dtype == w.dtype == jnp.float32:
-    return native_lib.conv(x, w, geo, _conv_abstract(x, w, geo=geo).shape)
-  return _conv_impl(x, w, geo=geo)
+    return native_lib.conv(x, w, geo, _conv_abstract(x, w, geo=geo).shape, flip, relu)
+  return _conv_impl(x, w, geo=geo, flip=flip, relu=relu)
 
 
-def _weight_grad_cpu(x, g, *, geo, k_hw, native):
+def _weight_grad_cpu(x, g, *, geo, k_hw, native, relu):
   if native and x.dtype == g.dtype == jnp.float32:
     return native_lib.weight_grad(
-        x, g, geo, _weight_grad_abstract(x, g, geo=geo, k_hw=k_hw).shape)
-  return _weight_grad_impl(x, g, geo=geo, k_hw=k_hw)
+        x, g, geo, _weight_grad_abstract(x, g, geo=geo, k_hw=k_hw).shape, relu)
+  return _weight_grad_impl(x, g, geo=geo, k_hw=k_hw, relu=relu)
+
+
+def _batch_shared_input(prim, core, args, dims, **params):
+  """Batching of the conv primitives: x [*Bx, N, H, W, C] may have fewer leading axes
+  than the other operand (*Bx its last ones), which it is then shared by, so an input
+  that is not mapped (the edges of a vmapped mixed op reading one state) is not copied
+  per edge. ``core`` is the other operand's rank without leading axes."""
+  (x, v), (dx, dv) = args, dims
+  size = x.shape[dx] if dx is not None else v.shape[dv]
+  v = jnp.broadcast_to(v, (size, *v.shape)) if dv is None else jnp.moveaxis(v, dv, 0)
+  if dx is not None:
+    x = jnp.moveaxis(x, dx, 0)
+    lead = v.shape[:v.ndim - core]
+    if x.shape[:x.ndim - 4] != lead:  # mapped, but shared along inner axes: expand.
+      x = x.reshape(size, *(1,) * (len(lead) - (x.ndim - 4)), *x.shape[1:])
+      x = jnp.broadcast_to(x, (*lead, *x.shape[-4:]))
+  return prim.bind(x, v, **params), 0
 
 
 def _batch_on_leading_axis(prim, args, dims, **params):
@@ -342,8 +444,16 @@ def define_primitive(prim, abstract, xla_form, cpu_form, static_argnames):
   batching.primitive_batchers[prim] = functools.partial(_batch_on_leading_axis, prim)
 
 
-define_primitive(_conv_p, _conv_abstract, _conv_impl, _conv_cpu, ('geo', 'native'))
+define_primitive(_conv_p, _conv_abstract, _conv_impl, _conv_cpu,
+                 ('geo', 'native', 'flip', 'relu'))
 define_primitive(_weight_grad_p, _weight_grad_abstract, _weight_grad_impl,
-                 _weight_grad_cpu, ('geo', 'k_hw', 'native'))
-ad.defbilinear(_conv_p, _conv_transpose_x, _conv_transpose_w)
-ad.defbilinear(_weight_grad_p, _weight_grad_transpose_x, _weight_grad_transpose_g)
+                 _weight_grad_cpu, ('geo', 'k_hw', 'native', 'relu'))
+define_primitive(_relu_mask_p, lambda x, t: t, _relu_mask_impl, _relu_mask_impl, ())
+ad.primitive_jvps[_relu_mask_p] = functools.partial(linear_in_second_jvp, _relu_mask_p)
+ad.primitive_transposes[_relu_mask_p] = lambda ct, x, t: [
+    None, _relu_mask_p.bind(x, ad.instantiate_zeros(ct))]
+for _prim, _core, _transpose_rule in ((_conv_p, 3, _conv_transpose),
+                                      (_weight_grad_p, 4, _weight_grad_transpose)):
+  batching.primitive_batchers[_prim] = functools.partial(_batch_shared_input, _prim, _core)
+  ad.primitive_jvps[_prim] = functools.partial(_bilinear_jvp, _prim)
+  ad.primitive_transposes[_prim] = _transpose_rule

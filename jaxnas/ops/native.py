@@ -135,17 +135,20 @@ def _geometry_attrs(geo) -> dict[str, np.int64]:
               pad_h_hi=np.int64(h_hi), pad_w_lo=np.int64(w_lo), pad_w_hi=np.int64(w_hi))
 
 
-def conv(x, w, geo, out_shape):
-  """The depthwise conv of x [*B, N, H, W, C] with w [*B, kh, kw, C] (float32) in the
-  geometry ``geo`` (a ``depthwise._Geometry``), as one FFI call."""
+def conv(x, w, geo, out_shape, flip: bool = False, relu: bool = False):
+  """The depthwise conv of x [*Bx, N, H, W, C] with w [*B, kh, kw, C] (float32) in the
+  geometry ``geo`` (a ``depthwise._Geometry``), as one FFI call: [*B, N, Ho, Wo, C]. *Bx
+  are the last axes of *B (an x shared by the filters of the others). With ``flip``, w
+  is mirrored in kh and kw; with ``relu``, x is read as relu(x)."""
   return jax.ffi.ffi_call(CONV_TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype))(
-      x, w, **_geometry_attrs(geo))
+      x, w, **_geometry_attrs(geo), flip=np.int64(flip), relu=np.int64(relu))
 
 
-def weight_grad(x, g, geo, out_shape):
-  """The weight gradient [*B, kh, kw, C] of that conv for the output cotangent g."""
+def weight_grad(x, g, geo, out_shape, relu: bool = False):
+  """The weight gradient [*B, kh, kw, C] of that conv for the output cotangent g
+  [*B, N, Ho, Wo, C]."""
   return jax.ffi.ffi_call(WEIGHT_GRAD_TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype))(
-      x, g, **_geometry_attrs(geo))
+      x, g, **_geometry_attrs(geo), relu=np.int64(relu))
 
 
 def _pool_attrs(window, stride, padding) -> dict[str, np.int64]:
@@ -175,17 +178,18 @@ def pool_scatter(index, g, window, stride, padding, out_shape):
 
 _SHAPE = r'f32\[([\d,]*)\]'
 _CALL = re.compile(rf'= {_SHAPE}\S* custom-call\(.*?custom_call_target="(\w+)", '
-                   rf'operand_layout_constraints={{{_SHAPE}\S*, {_SHAPE}')
+                   rf'operand_layout_constraints={{(.*?)}}}}')
 
 
 def custom_call_flops(hlo_text: str) -> float:
-  """FLOPs (2 per multiply-add) of the kernels' calls in a compiled program's HLO text
-  (``compiled.as_text()``), which XLA's cost analysis counts as zero."""
+  """FLOPs (2 per multiply-add) of the kernels' calls in a compiled program's
+  HLO text (``compiled.as_text()``), which XLA's cost analysis counts as zero."""
   total = 0.0
-  for out, target, _, second in _CALL.findall(hlo_text):
-    out, second = ([int(d) for d in s.split(',') if d] for s in (out, second))
+  for out, target, operands in _CALL.findall(hlo_text):
+    out = [int(d) for d in out.split(',') if d]
+    shapes = [[int(d) for d in dims.split(',') if d] for dims in re.findall(_SHAPE, operands)]
     if target == CONV_TARGET:  # (x, w) -> y: every output element takes kh * kw taps.
-      total += 2 * math.prod(out) * math.prod(second[-3:-1])
+      total += 2 * math.prod(out) * math.prod(shapes[1][-3:-1])
     elif target == WEIGHT_GRAD_TARGET:  # (x, g) -> dw: every g element, kh * kw taps.
-      total += 2 * math.prod(second) * math.prod(out[-3:-1])
+      total += 2 * math.prod(shapes[1]) * math.prod(out[-3:-1])
   return total

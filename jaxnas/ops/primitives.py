@@ -147,11 +147,13 @@ class Conv1x1(nn.Module):
 
 
 class DepthwiseConv(nn.Module):
-  """k x k depthwise convolution, padding dilation*(k-1)//2 (PyTorch semantics)."""
+  """k x k depthwise convolution, padding dilation*(k-1)//2 (PyTorch semantics); of
+  relu(x) where ``relu`` (see `depthwise.depthwise_conv`)."""
   kernel_size: int
   stride: int = 1
   dilation: int = 1
   impl: str = 'auto'
+  relu: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -159,7 +161,8 @@ class DepthwiseConv(nn.Module):
     # fan_in of a depthwise filter is k*k (in_channels / groups == 1).
     kernel = self.param('kernel', torch_init, (k, k, 1, x.shape[-1]))
     return depthwise_lib.depthwise_conv(
-        x, kernel[:, :, 0, :], stride=self.stride, dilation=self.dilation, impl=self.impl)
+        x, kernel[:, :, 0, :], stride=self.stride, dilation=self.dilation, impl=self.impl,
+        relu=self.relu)
 
 
 class ReLUConvBN(nn.Module):
@@ -348,13 +351,6 @@ def _pool_scatter_transpose(ct, index, g, *, window, stride, padding, in_hw, nat
                                     stride=stride, padding=padding, native=native)]
 
 
-def _linear_in_second_jvp(prim, primals, tangents, **params):
-  """Both primitives are linear in their second operand (the index is an integer)."""
-  index, v = primals
-  return (prim.bind(index, v, **params),
-          prim.bind(index, ad.instantiate_zeros(tangents[1]), **params))
-
-
 depthwise_lib.define_primitive(_pool_gather_p, _pool_gather_abstract, _pool_gather_impl,
                                _pool_gather_cpu, ('window', 'stride', 'padding', 'native'))
 depthwise_lib.define_primitive(_pool_scatter_p, _pool_scatter_abstract, _pool_scatter_impl,
@@ -362,7 +358,7 @@ depthwise_lib.define_primitive(_pool_scatter_p, _pool_scatter_abstract, _pool_sc
                                ('window', 'stride', 'padding', 'in_hw', 'native'))
 for _prim, _transpose in ((_pool_gather_p, _pool_gather_transpose),
                           (_pool_scatter_p, _pool_scatter_transpose)):
-  ad.primitive_jvps[_prim] = functools.partial(_linear_in_second_jvp, _prim)
+  ad.primitive_jvps[_prim] = functools.partial(depthwise_lib.linear_in_second_jvp, _prim)
   ad.primitive_transposes[_prim] = _transpose
 
 # The index: only bound with ``native`` (so only lowered to the kernel, on CPU); an

@@ -94,14 +94,14 @@ class MixedOp(nn.Module):
                    key=lambda p: -CONV_OPS[p][2])
     seps = [p for p in convs if CONV_OPS[p][2] == 2]
     if convs:
-      r = nn.relu(x)
-      y = self._pointwise_bn(jnp.stack([self._depthwise(r, p, 0, s) for p in convs]),
+      # The convs read x through their ReLU (no rectified copy, per edge or at all).
+      y = self._pointwise_bn(jnp.stack([self._depthwise(x, p, 0, s) for p in convs]),
                              'pw0', 'bn0')
       # Weighted sums over the group axis unroll into one elementwise loop each.
       out = out + sum(mul(y[g], weights[index[p]])
                       for g, p in enumerate(convs) if p not in seps)
       if seps:
-        second = [self._depthwise(nn.relu(y[g]), p, 1, 1) for g, p in enumerate(seps)]
+        second = [self._depthwise(y[g], p, 1, 1) for g, p in enumerate(seps)]
         z = self._pointwise_bn(jnp.stack(second), 'pw1', 'bn1')
         out = out + sum(mul(z[g], weights[index[p]]) for g, p in enumerate(seps))
 
@@ -122,9 +122,10 @@ class MixedOp(nn.Module):
     return out
 
   def _depthwise(self, x, op, block, stride):
+    """The op's depthwise conv ``block`` of relu(x)."""
     k, dilation, _ = CONV_OPS[op]
     return ops.DepthwiseConv(k, stride, dilation if block == 0 else 1, impl=self.impl,
-                             name=f'{op}_dw{block}')(x)
+                             relu=True, name=f'{op}_dw{block}')(x)
 
   def _pointwise_bn(self, y, pw_name, bn_name):
     """Per-group 1x1 convs (G, c, c) as one batched matmul, then one grouped BN."""

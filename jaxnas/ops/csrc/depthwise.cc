@@ -1,9 +1,12 @@
 // jaxnas's CPU kernels, called through the XLA FFI (jaxnas/ops/native.py): the depthwise
 // 2-D convolution and its weight gradient, and max pooling's index, gather and scatter.
 //
-// Layout: x [*B, N, H, W, C], w [*B, kh, kw, C], y [*B, N, Ho, Wo, C], float32, row
-// major; *B are leading (vmapped) axes, flattened here to E. The geometry is the one
-// of jaxnas/ops/depthwise.py: pad each sample with (lo, hi) rows and columns (negative
+// Layout: x [*Bx, N, H, W, C], w [*B, kh, kw, C], y [*B, N, Ho, Wo, C], float32, row
+// major; *B are leading (vmapped) axes, flattened here to E, and *Bx are the last of
+// them (Ex of the E): filter e reads sample block e % Ex of x, so an x shared by
+// several filters is not copied per filter. With `relu` x is read as max(x, 0); with
+// `flip` (the conv) w is read mirrored in kh and kw. The geometry is the one of
+// jaxnas/ops/depthwise.py: pad each sample with (lo, hi) rows and columns (negative
 // values crop) and lhs_dilation - 1 zeros between pixels, then
 //   y[ho, wo, c] = sum_{i, j} xp[ho * stride + i * rhs_dilation,
 //                                wo * stride + j * rhs_dilation, c] * w[i, j, c].
@@ -48,6 +51,13 @@ struct Geometry {
 struct Dims {
   int64_t e = 1, n, h, w, c;
 };
+
+// The product of the leading axes of an array whose last `core` axes are its own.
+int64_t LeadingSize(ffi::Span<const int64_t> d, size_t core) {
+  int64_t e = 1;
+  for (size_t i = 0; i + core < d.size(); ++i) e *= d[i];
+  return e;
+}
 
 // x's [*B, N, H, W, C] as (E, N, H, W, C).
 Dims SplitDims(ffi::Span<const int64_t> d) {
@@ -118,9 +128,18 @@ struct Planes {
   }
 };
 
+// n floats from src to dst, rectified where `relu`.
+void CopyPixels(float* dst, const float* src, int64_t n, bool relu) {
+  if (!relu) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] < 0.0f ? 0.0f : src[i];  // NaN stays.
+}
+
 // Pads (and dilates) one [H, W, C] sample into its phase planes in `buffer`.
 Planes PadSample(const float* x, const Dims& d, const Geometry& g, int64_t hp, int64_t wp,
-                 std::vector<float>& buffer) {
+                 bool relu, std::vector<float>& buffer) {
   const int64_t s = g.stride;
   Planes p{s, (hp + s - 1) / s, (wp + s - 1) / s, d.c, nullptr};
   buffer.assign(s * s * p.hq * p.wq * d.c, 0.0f);
@@ -133,26 +152,29 @@ Planes PadSample(const float* x, const Dims& d, const Geometry& g, int64_t hp, i
       const int64_t w0 = std::max<int64_t>(0, -g.pad_w_lo);
       const int64_t w1 = std::min<int64_t>(d.w, wp - g.pad_w_lo);
       if (w1 > w0)
-        std::memcpy(out + (r * wp + g.pad_w_lo + w0) * d.c, xr + w0 * d.c,
-                    (w1 - w0) * d.c * sizeof(float));
+        CopyPixels(out + (r * wp + g.pad_w_lo + w0) * d.c, xr + w0 * d.c, (w1 - w0) * d.c,
+                   relu);
       continue;
     }
     for (int64_t w = 0; w < d.w; ++w) {
       const int64_t q = g.pad_w_lo + w * g.lhs_dilation;
       if (q < 0 || q >= wp) continue;
-      std::memcpy(out + ((((r % s) * s + q % s) * p.hq + r / s) * p.wq + q / s) * d.c,
-                  xr + w * d.c, d.c * sizeof(float));
+      CopyPixels(out + ((((r % s) * s + q % s) * p.hq + r / s) * p.wq + q / s) * d.c,
+                 xr + w * d.c, d.c, relu);
     }
   }
   p.data = buffer.data();
   return p;
 }
 
-// Each tap's C weights repeated `times` times: [kh * kw, times * C].
-void TileTaps(const float* w, int64_t taps, int64_t c, int64_t times, float* tiled) {
+// Each tap's C weights repeated `times` times: [kh * kw, times * C]. With `flip` the
+// filter is mirrored in both spatial axes, i.e. the taps are read in reverse order.
+void TileTaps(const float* w, int64_t taps, int64_t c, int64_t times, bool flip,
+              float* tiled) {
   for (int64_t t = 0; t < taps; ++t)
     for (int64_t k = 0; k < times; ++k)
-      std::memcpy(tiled + (t * times + k) * c, w + t * c, c * sizeof(float));
+      std::memcpy(tiled + (t * times + k) * c, w + (flip ? taps - 1 - t : t) * c,
+                  c * sizeof(float));
 }
 
 struct Scratch {
@@ -165,7 +187,7 @@ constexpr int64_t kBlock = 32;
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                 ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t lhs_dilation,
                 int64_t rhs_dilation, int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo,
-                int64_t pad_w_hi) {
+                int64_t pad_w_hi, int64_t flip, int64_t relu) {
   const Geometry g{stride, lhs_dilation, rhs_dilation, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi};
   const Dims d = SplitDims(x.dimensions());
   const auto wd = w.dimensions();
@@ -175,19 +197,24 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const auto yd = y->dimensions();
   if (ho != yd[yd.size() - 3] || wo != yd[yd.size() - 2])
     return ffi::Error::InvalidArgument("jaxnas depthwise conv: output shape mismatch");
+  const int64_t filters = LeadingSize(wd, 3);  // E of the filters; d.e (of x) divides it.
+  if (filters % d.e)
+    return ffi::Error::InvalidArgument("jaxnas depthwise conv: x's leading axes must end w's");
   const int64_t row = wo * d.c;
   const float* xs = x.typed_data();
   const float* ws = w.typed_data();
   float* ys = y->typed_data();
   const int workers = MaxWorkers(pool);
   std::vector<Scratch> scratch(workers);
-  ParallelFor(pool, d.e * d.n, workers, [&](int64_t item, int worker) {
+  ParallelFor(pool, filters * d.n, workers, [&](int64_t item, int worker) {
     Scratch& s = scratch[worker];
     const int64_t e = item / d.n;
-    const Planes p = PadSample(xs + item * d.h * d.w * d.c, d, g, hp, wp, s.padded);
+    const int64_t sample = (e % d.e) * d.n + item % d.n;
+    const Planes p = PadSample(xs + sample * d.h * d.w * d.c, d, g, hp, wp, relu != 0,
+                               s.padded);
     if (s.tiled_e != e) {  // Samples of one e come in a run; tile its weights once.
       s.tiled.resize(taps * row);
-      TileTaps(ws + e * taps * d.c, taps, d.c, wo, s.tiled.data());
+      TileTaps(ws + e * taps * d.c, taps, d.c, wo, flip != 0, s.tiled.data());
       s.tiled_e = e;
     }
     float* out = ys + item * ho * row;
@@ -214,14 +241,14 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
-// dw [*B, kh, kw, C] from x [*B, N, H, W, C] and the output cotangent g [*B, N, Ho, Wo, C].
+// dw [*B, kh, kw, C] from x [*Bx, N, H, W, C] and the output cotangent g [*B, N, Ho, Wo, C].
 // Each sample's products are summed on their own first (over Ho and Wo), then the
 // samples' sums in order: short float32 summation chains, and the same result however
 // the samples were spread over threads.
 ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
                       ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t lhs_dilation,
                       int64_t rhs_dilation, int64_t pad_h_lo, int64_t pad_h_hi,
-                      int64_t pad_w_lo, int64_t pad_w_hi) {
+                      int64_t pad_w_lo, int64_t pad_w_hi, int64_t relu) {
   const Geometry g{stride, lhs_dilation, rhs_dilation, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi};
   const Dims d = SplitDims(x.dimensions());
   const auto kd = dw->dimensions();
@@ -231,16 +258,21 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const auto gd = gy.dimensions();
   if (ho != gd[gd.size() - 3] || wo != gd[gd.size() - 2])
     return ffi::Error::InvalidArgument("jaxnas depthwise weight grad: cotangent shape mismatch");
+  const int64_t filters = LeadingSize(gd, 4);
+  if (filters % d.e)
+    return ffi::Error::InvalidArgument("jaxnas depthwise weight grad: x's leading axes must end g's");
   // Per-sample sums, [taps, Wo * C]: reduced over Wo at the end.
   const int64_t row = wo * d.c;
   const float* xs = x.typed_data();
   const float* gs = gy.typed_data();
   const int workers = MaxWorkers(pool);
   std::vector<Scratch> scratch(workers);
-  std::vector<float> sums(d.e * d.n * taps * d.c);  // Per sample: [E * N, taps, C].
-  ParallelFor(pool, d.e * d.n, workers, [&](int64_t item, int worker) {
+  std::vector<float> sums(filters * d.n * taps * d.c);  // Per sample: [E * N, taps, C].
+  ParallelFor(pool, filters * d.n, workers, [&](int64_t item, int worker) {
     Scratch& s = scratch[worker];
-    const Planes p = PadSample(xs + item * d.h * d.w * d.c, d, g, hp, wp, s.padded);
+    const int64_t sample = (item / d.n % d.e) * d.n + item % d.n;
+    const Planes p = PadSample(xs + sample * d.h * d.w * d.c, d, g, hp, wp, relu != 0,
+                               s.padded);
     const float* gi = gs + item * ho * row;
     s.acc.assign(taps * row, 0.0f);
     for (int64_t r = 0; r < ho; ++r) {
@@ -258,8 +290,8 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       for (int64_t k = 0; k < row; ++k) sum[t * d.c + k % d.c] += s.acc[t * row + k];
   });
   float* out = dw->typed_data();
-  std::fill(out, out + d.e * taps * d.c, 0.0f);
-  for (int64_t item = 0; item < d.e * d.n; ++item) {
+  std::fill(out, out + filters * taps * d.c, 0.0f);
+  for (int64_t item = 0; item < filters * d.n; ++item) {
     float* __restrict total = out + (item / d.n) * taps * d.c;
     const float* __restrict sum = sums.data() + item * taps * d.c;
     for (int64_t k = 0; k < taps * d.c; ++k) total[k] += sum[k];
@@ -290,11 +322,14 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxnasDepthwiseConv, Conv,
-    JAXNAS_BIND_GEOMETRY(JAXNAS_BIND_2_TO_1(ffi::F32, ffi::F32, ffi::F32)));
+    JAXNAS_BIND_GEOMETRY(JAXNAS_BIND_2_TO_1(ffi::F32, ffi::F32, ffi::F32))
+        .Attr<int64_t>("flip")
+        .Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxnasDepthwiseWeightGrad, WeightGrad,
-    JAXNAS_BIND_GEOMETRY(JAXNAS_BIND_2_TO_1(ffi::F32, ffi::F32, ffi::F32)));
+    JAXNAS_BIND_GEOMETRY(JAXNAS_BIND_2_TO_1(ffi::F32, ffi::F32, ffi::F32))
+        .Attr<int64_t>("relu"));
 
 // ---------------------------------------------------------------------------------
 // Max pooling through the index of each window's first maximum (jaxnas/ops/primitives.py):
