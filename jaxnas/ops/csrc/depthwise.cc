@@ -199,7 +199,8 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
     return ffi::Error::InvalidArgument("jaxnas depthwise conv: output shape mismatch");
   const int64_t filters = LeadingSize(wd, 3);  // E of the filters; d.e (of x) divides it.
   if (filters % d.e)
-    return ffi::Error::InvalidArgument("jaxnas depthwise conv: x's leading axes must end w's");
+    return ffi::Error::InvalidArgument(
+        "jaxnas depthwise conv: x's leading axes must end w's");
   const int64_t row = wo * d.c;
   const float* xs = x.typed_data();
   const float* ws = w.typed_data();
@@ -260,7 +261,8 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("jaxnas depthwise weight grad: cotangent shape mismatch");
   const int64_t filters = LeadingSize(gd, 4);
   if (filters % d.e)
-    return ffi::Error::InvalidArgument("jaxnas depthwise weight grad: x's leading axes must end g's");
+    return ffi::Error::InvalidArgument(
+        "jaxnas depthwise weight grad: x's leading axes must end g's");
   // Per-sample sums, [taps, Wo * C]: reduced over Wo at the end.
   const int64_t row = wo * d.c;
   const float* xs = x.typed_data();
