@@ -286,8 +286,8 @@ def _pool_index_abstract(x, *, window, stride, padding):
 
 
 def _pool_gather_impl(index, t, *, window, stride, padding, native=False):
-  del native
   """out[o] = t at tap index[o] of output o's window."""
+  del native
   out = None
   for k, tap in enumerate(depthwise_lib.pool_windows(t, window, stride, padding, 0)):
     term = jnp.where(index == k, tap, jnp.zeros((), tap.dtype))

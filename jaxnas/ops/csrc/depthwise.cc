@@ -347,6 +347,12 @@ struct PoolGeometry {
   int64_t window, stride, pad_h_lo, pad_w_lo, ho, wo;
 };
 
+// The geometry of a pool whose index (an output-shaped array) has dimensions `od`.
+PoolGeometry MakePoolGeometry(ffi::Span<const int64_t> od, int64_t window, int64_t stride,
+                              int64_t pad_h_lo, int64_t pad_w_lo) {
+  return {window, stride, pad_h_lo, pad_w_lo, od[od.size() - 3], od[od.size() - 2]};
+}
+
 template <typename Body>
 ffi::Error ForEachPoolSample(ffi::ThreadPool& pool, const Dims& d, Body body) {
   ParallelFor(pool, d.e * d.n, 1 << 30, [&](int64_t item, int) { body(item); });
@@ -372,8 +378,7 @@ ffi::Error MaxPoolIndex(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::ResultBuffer<ffi::S8> index, int64_t window, int64_t stride,
                         int64_t pad_h_lo, int64_t pad_w_lo) {
   const Dims d = SplitDims(x.dimensions());
-  const auto od = index->dimensions();
-  const PoolGeometry g{window, stride, pad_h_lo, pad_w_lo, od[od.size() - 3], od[od.size() - 2]};
+  const PoolGeometry g = MakePoolGeometry(index->dimensions(), window, stride, pad_h_lo, pad_w_lo);
   const float* xs = x.typed_data();
   int8_t* is = index->typed_data();
   return ForEachPoolSample(pool, d, [&](int64_t item) {
@@ -405,8 +410,7 @@ ffi::Error PoolGather(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> index,
                       ffi::Buffer<ffi::F32> t, ffi::ResultBuffer<ffi::F32> out,
                       int64_t window, int64_t stride, int64_t pad_h_lo, int64_t pad_w_lo) {
   const Dims d = SplitDims(t.dimensions());
-  const auto od = index.dimensions();
-  const PoolGeometry g{window, stride, pad_h_lo, pad_w_lo, od[od.size() - 3], od[od.size() - 2]};
+  const PoolGeometry g = MakePoolGeometry(index.dimensions(), window, stride, pad_h_lo, pad_w_lo);
   const int8_t* is = index.typed_data();
   const float* ts = t.typed_data();
   float* os = out->typed_data();
@@ -422,8 +426,7 @@ ffi::Error PoolScatter(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> index,
                        ffi::Buffer<ffi::F32> g_out, ffi::ResultBuffer<ffi::F32> dx,
                        int64_t window, int64_t stride, int64_t pad_h_lo, int64_t pad_w_lo) {
   const Dims d = SplitDims(dx->dimensions());
-  const auto od = index.dimensions();
-  const PoolGeometry g{window, stride, pad_h_lo, pad_w_lo, od[od.size() - 3], od[od.size() - 2]};
+  const PoolGeometry g = MakePoolGeometry(index.dimensions(), window, stride, pad_h_lo, pad_w_lo);
   const int8_t* is = index.typed_data();
   const float* gs = g_out.typed_data();
   float* xs = dx->typed_data();
