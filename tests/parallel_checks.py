@@ -7,6 +7,7 @@ The last line of stdout is a JSON object of numbers for the test to assert on.
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -49,21 +50,46 @@ def one_step(num_devices, batch_norm, batches, remat=False):
       search.make_search_step(model, weight_tx, arch_tx, config, 3), mesh)
   train, val = (parallel.shard_batch(b, mesh) for b in batches)
   assert train['image'].sharding.num_devices == mesh.size
-  state, metrics = step(state, train, val)
+  compiled = step.lower(state, train, val).compile()
+  state, metrics = compiled(state, train, val)
   assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
-  return jax.device_get(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
+  return (jax.device_get(state), {k: float(v) for k, v in jax.device_get(metrics).items()},
+          kernel_batches(compiled.as_text()))
+
+
+# Which of a native kernel's arrays hold samples (as [*edges, N, H, W, C]): the output
+# and then its operands in order. The filters and the weight gradient do not.
+_SAMPLED = {'jaxnas_depthwise_conv': (True, True, False),
+            'jaxnas_depthwise_weight_grad': (False, True, True)}
+
+
+def kernel_batches(hlo: str) -> dict:
+  """The native kernels' calls in a compiled program, the sample counts their arrays
+  hold, and the program's all-gathers."""
+  samples, calls = set(), 0
+  shape = r'\w+\[([\d,]*)\]'
+  for out, target, operands in re.findall(
+      rf'= {shape}\S* custom-call\(.*?custom_call_target="(jaxnas_\w+)", '
+      rf'operand_layout_constraints={{(.*?)}}}}', hlo):
+    calls += 1
+    arrays = [out, *re.findall(shape, operands)]
+    for dims, sampled in zip(arrays, _SAMPLED.get(target, (True,) * len(arrays))):
+      if sampled:
+        samples.add(int(dims.split(',')[-4]))
+  return {'calls': calls, 'samples': sorted(samples), 'all_gathers': hlo.count('all-gather(')}
 
 
 def check_step() -> dict:
   rng = np.random.default_rng(0)
   batches = tuple({'image': rng.normal(size=(BATCH,) + IMAGE).astype(np.float32),
                    'label': rng.integers(0, 10, BATCH).astype(np.int32)} for _ in range(2))
-  one, m_one = one_step(1, 'sync', batches)
-  eight, m_eight = one_step(8, 'sync', batches)
-  per_device, m_per_device = one_step(8, 'per_device', batches)
-  remat, _ = one_step(8, 'sync', batches, remat=True)
+  one, m_one, kernels_1 = one_step(1, 'sync', batches)
+  eight, m_eight, kernels_8 = one_step(8, 'sync', batches)
+  per_device, m_per_device, _ = one_step(8, 'per_device', batches)
+  remat, _, _ = one_step(8, 'sync', batches, remat=True)
   out = {
       'devices': jax.device_count(),
+      'kernels_1': kernels_1, 'kernels_8': kernels_8,
       'sync_params_diff': max_diff(one.params, eight.params),
       'sync_arch_diff': max_diff(one.arch, eight.arch),
       'sync_batch_stats_diff': max_diff(one.batch_stats, eight.batch_stats),

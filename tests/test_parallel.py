@@ -233,6 +233,17 @@ def test_sharded_step_equals_the_one_device_step(step_checks):
   np.testing.assert_allclose(r['val_loss_8'], r['val_loss_1'], rtol=1e-6)
 
 
+def test_native_kernels_run_on_each_devices_own_samples(step_checks):
+  # The program's convs and pools are the native kernels; sharded over 8 devices each
+  # call sees its device's 2 of the 16 samples, and nothing is gathered across devices
+  # (without a partitioning rule XLA gathered the batch and every device ran it whole).
+  one, eight = step_checks['kernels_1'], step_checks['kernels_8']
+  assert one['calls'] == eight['calls'] > 50
+  assert one['samples'] == [16]
+  assert eight['samples'] == [2]
+  assert eight['all_gathers'] == 0
+
+
 def test_per_device_batch_norm_differs_from_sync(step_checks):
   r = step_checks
   assert abs(r['per_device_loss_8'] - r['loss_8']) > 1e-3

@@ -435,12 +435,15 @@ def define_primitive(prim, abstract, xla_form, cpu_form, static_argnames):
   """Gives ``prim`` its abstract evaluation, eager evaluation (itself, jitted), its
   lowering to ``xla_form`` on every platform and to ``cpu_form`` on CPU (the native
   kernels exist there only; ``cpu_form`` falls back to XLA ops where they are not
-  chosen), and batching on a leading axis. Both forms take the primitive's params."""
+  chosen), and batching on a leading axis. Both forms take the primitive's params. The
+  kernels are partitioned over a device mesh by sample (`native_lib.lowers_with_devices`).
+  """
   prim.def_impl(jax.jit(prim.bind, static_argnames=static_argnames))
   prim.def_abstract_eval(abstract)
   mlir.register_lowering(prim, mlir.lower_fun(xla_form, multiple_results=False))
   mlir.register_lowering(prim, mlir.lower_fun(cpu_form, multiple_results=False),
                          platform='cpu')
+  native_lib.lowers_with_devices(prim)
   batching.primitive_batchers[prim] = functools.partial(_batch_on_leading_axis, prim)
 
 

@@ -30,6 +30,9 @@ import tempfile
 import threading
 
 import jax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import jaxlib
 import numpy as np
 from absl import logging
@@ -135,20 +138,97 @@ def _geometry_attrs(geo) -> dict[str, np.int64]:
               pad_h_hi=np.int64(h_hi), pad_w_lo=np.int64(w_lo), pad_w_hi=np.int64(w_hi))
 
 
+# Every kernel works sample by sample: on a device mesh, each device runs it on its own
+# samples. Left to XLA's partitioner, a custom call is opaque and would have its operands
+# gathered onto every device, each of which then computed the whole batch. `_call` says
+# instead, with `custom_partitioning`, that the sample axis of every operand and result
+# may stay split (and that a weight gradient, which sums over the samples, is the psum of
+# the devices' partial sums); every other axis is replicated. On one device the call is
+# lowered as it is.
+
+
+def lowers_with_devices(prim) -> None:
+  """Has JAX lower ``prim`` knowing the devices of the program, which the partitioned
+  calls of `_call` need (as JAX's own primitives that lower to `custom_partitioning`)."""
+  from jax._src import dispatch  # pylint: disable=g-import-not-at-top
+  dispatch.prim_requires_devices_during_lowering.add(prim)
+
+
+def _sample_axis(rank: int) -> int:
+  return rank - 4  # [*leading, N, H, W, C]
+
+
+def _call(target: str, out_shape, dtype, operands, attrs, sampled, reduces_samples=False):
+  """The FFI call ``target(*operands, **attrs)`` -> ``out_shape`` ``dtype``, partitioned
+  over the sample axis of the operands that have one (``sampled``: one bool each). The
+  result has a sample axis too, unless the kernel sums over the samples
+  (``reduces_samples``)."""
+  ranks = [len(x.shape) for x in operands]
+  out_rank = len(out_shape)
+
+  def run(xs, shape):
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype))(*xs, **attrs)
+
+  def axes(tag, rank, has_samples):
+    names = [f'{tag}{i}' for i in range(rank)]
+    if has_samples:
+      names[_sample_axis(rank)] = 'n'
+    return names
+
+  factors = [axes(f'a{i}_', r, s) for i, (r, s) in enumerate(zip(ranks, sampled))]
+  result = axes('r', out_rank, not reduces_samples)
+  rule = ', '.join(' '.join(f) for f in factors) + ' -> ' + ' '.join(result)
+  others = tuple(f for f in (*sum(factors, []), *result) if f != 'n')
+
+  def shardings(mesh, arg_shapes):
+    first = sampled.index(True)
+    spec = arg_shapes[first].sharding.spec
+    samples = spec[_sample_axis(ranks[first])] if len(spec) > _sample_axis(ranks[first]) else None
+
+    def sharding(rank, has_samples):
+      parts = [None] * rank
+      if has_samples:
+        parts[_sample_axis(rank)] = samples
+      return NamedSharding(mesh, PartitionSpec(*parts))
+
+    args = tuple(sharding(r, s) for r, s in zip(ranks, sampled))
+    return samples, args, sharding(out_rank, not reduces_samples)
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    samples, args, out = shardings(mesh, arg_shapes)
+    local_shape = out.shard_shape(tuple(out_shape))
+
+    def per_device(*xs):
+      y = run(xs, local_shape)
+      return jax.lax.psum(y, samples) if reduces_samples and samples is not None else y
+
+    return mesh, per_device, out, args
+
+  partitioned = custom_partitioning(lambda *xs: run(xs, tuple(out_shape)))
+  partitioned.def_partition(
+      partition, infer_sharding_from_operands=lambda mesh, args, _: shardings(mesh, args)[2],
+      sharding_rule=rule, reduction_factors=('n',) if reduces_samples else (),
+      need_replication_factors=others)
+  return partitioned(*operands)
+
+
 def conv(x, w, geo, out_shape, flip: bool = False, relu: bool = False):
   """The depthwise conv of x [*Bx, N, H, W, C] with w [*B, kh, kw, C] (float32) in the
   geometry ``geo`` (a ``depthwise._Geometry``), as one FFI call: [*B, N, Ho, Wo, C]. *Bx
   are the last axes of *B (an x shared by the filters of the others). With ``flip``, w
   is mirrored in kh and kw; with ``relu``, x is read as relu(x)."""
-  return jax.ffi.ffi_call(CONV_TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype))(
-      x, w, **_geometry_attrs(geo), flip=np.int64(flip), relu=np.int64(relu))
+  return _call(CONV_TARGET, out_shape, x.dtype, (x, w),
+               dict(_geometry_attrs(geo), flip=np.int64(flip), relu=np.int64(relu)),
+               sampled=(True, False))
 
 
 def weight_grad(x, g, geo, out_shape, relu: bool = False):
   """The weight gradient [*B, kh, kw, C] of that conv for the output cotangent g
   [*B, N, Ho, Wo, C]."""
-  return jax.ffi.ffi_call(WEIGHT_GRAD_TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype))(
-      x, g, **_geometry_attrs(geo), relu=np.int64(relu))
+  return _call(WEIGHT_GRAD_TARGET, out_shape, x.dtype, (x, g),
+               dict(_geometry_attrs(geo), relu=np.int64(relu)), sampled=(True, True),
+               reduces_samples=True)
 
 
 def _pool_attrs(window, stride, padding) -> dict[str, np.int64]:
@@ -160,20 +240,20 @@ def _pool_attrs(window, stride, padding) -> dict[str, np.int64]:
 def max_pool_index(x, window, stride, padding, out_shape):
   """For x [*B, N, H, W, C] (float32) padded by ``padding`` with -inf: the int8 tap of
   each window's first maximum, [*B, N, Ho, Wo, C]."""
-  return jax.ffi.ffi_call(MAX_POOL_INDEX_TARGET, jax.ShapeDtypeStruct(out_shape, np.int8))(
-      x, **_pool_attrs(window, stride, padding))
+  return _call(MAX_POOL_INDEX_TARGET, out_shape, np.int8, (x,),
+               _pool_attrs(window, stride, padding), sampled=(True,))
 
 
 def pool_gather(index, t, window, stride, padding):
   """t (shaped as the pool's input) read at each output's tap ``index``."""
-  return jax.ffi.ffi_call(POOL_GATHER_TARGET, jax.ShapeDtypeStruct(index.shape, t.dtype))(
-      index, t, **_pool_attrs(window, stride, padding))
+  return _call(POOL_GATHER_TARGET, index.shape, t.dtype, (index, t),
+               _pool_attrs(window, stride, padding), sampled=(True, True))
 
 
 def pool_scatter(index, g, window, stride, padding, out_shape):
   """The transpose of `pool_gather` in t: each g added where its index points."""
-  return jax.ffi.ffi_call(POOL_SCATTER_TARGET, jax.ShapeDtypeStruct(out_shape, g.dtype))(
-      index, g, **_pool_attrs(window, stride, padding))
+  return _call(POOL_SCATTER_TARGET, out_shape, g.dtype, (index, g),
+               _pool_attrs(window, stride, padding), sampled=(True, True))
 
 
 _SHAPE = r'f32\[([\d,]*)\]'
