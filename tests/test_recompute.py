@@ -102,11 +102,15 @@ def test_recomputed_search_network_gradients_and_statistics(random_variables):
 
       return f(variables['params'], variables['arch'])
 
-    (g_params, g_arch), new = grads(net)
-    (r_params, r_arch), r_new = grads(net.clone(remat=True))
+    # Plain autodiff against the default (the cells' preprocessing recomputed) and whole
+    # cells recomputed.
+    (g_params, g_arch), new = grads(net.clone(recompute_preprocessing=False))
+    recomputed = [grads(net), grads(net.clone(remat=True))]
+  assert net.recompute_preprocessing and not net.remat
   assert jax.tree.leaves(g_params)[0].dtype == jnp.float64
-  chex.assert_trees_all_close(r_params, g_params, rtol=1e-9, atol=1e-11)
-  chex.assert_trees_all_close(r_arch, g_arch, rtol=1e-9, atol=1e-11)
-  chex.assert_trees_all_close(r_new, new, rtol=1e-9, atol=1e-11)
+  for (r_params, r_arch), r_new in recomputed:
+    chex.assert_trees_all_close(r_params, g_params, rtol=1e-9, atol=1e-11)
+    chex.assert_trees_all_close(r_arch, g_arch, rtol=1e-9, atol=1e-11)
+    chex.assert_trees_all_close(r_new, new, rtol=1e-9, atol=1e-11)
   # layers=2: both cells reduce, so the reduction alphas carry the gradient.
   assert np.abs(np.asarray(g_arch['alphas_reduce'])).max() > 0

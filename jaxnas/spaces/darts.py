@@ -10,6 +10,7 @@ their mixed ops share the input and are ``nn.vmap``-ed over stacked per-edge wei
 a cell is 5 batched mixed ops (4+4+3+2+1 edges) instead of 14 separate ones.
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -181,6 +182,22 @@ class EdgeGroup(nn.Module):
     return EdgeOutputs(mixed, bypass, channels)
 
 
+@functools.cache
+def preprocessing(cls, recompute: bool):
+  """``cls`` (ReLUConvBN or FactorizedReduce) as a module class called with the input
+  alone, its ``train`` flag an attribute; recomputed in the backward pass when
+  ``recompute``. The parameter and statistics paths are those of ``cls``."""
+
+  class Preprocess(cls):
+    train: bool = False
+
+    def __call__(self, x):
+      return super().__call__(x, self.train)
+
+  Preprocess.__name__ = cls.__name__
+  return recompute_lib.recompute(Preprocess) if recompute else Preprocess
+
+
 class SearchCell(nn.Module):
   """A DARTS search cell; ``op_weights`` (14, num_ops), ``edge_weights`` (14,) or None
   (every edge weighs 1)."""
@@ -195,15 +212,18 @@ class SearchCell(nn.Module):
   primitives: tuple[str, ...] = PRIMITIVES
   impl: str = 'auto'
   bn_groups: int = 1
+  recompute_preprocessing: bool = False
 
   @nn.compact
   def __call__(self, s0, s1, op_weights, edge_weights):
-    C, g = self.features, self.bn_groups
-    if self.reduction_prev:
-      s0 = ops.FactorizedReduce(C, affine=False, bn_groups=g, name='preprocess0')(s0, self.train)
-    else:
-      s0 = ops.ReLUConvBN(C, affine=False, bn_groups=g, name='preprocess0')(s0, self.train)
-    s1 = ops.ReLUConvBN(C, affine=False, bn_groups=g, name='preprocess1')(s1, self.train)
+    C, g, again = self.features, self.bn_groups, self.recompute_preprocessing
+    # Recomputed, the preprocessing keeps only its input (the previous cell's output, kept
+    # anyway) for the backward pass, not the rectified input and the 1x1 conv's output.
+    first = preprocessing(ops.FactorizedReduce if self.reduction_prev else ops.ReLUConvBN,
+                          again)
+    s0 = first(C, affine=False, bn_groups=g, train=self.train, name='preprocess0')(s0)
+    s1 = preprocessing(ops.ReLUConvBN, again)(C, affine=False, bn_groups=g, train=self.train,
+                                             name='preprocess1')(s1)
     states = [s0, s1]
     # Per node: (mixed op output, bypass, selected channels, edge index) of each edge in.
     incoming: list[list[tuple[jax.Array, jax.Array | None, jax.Array | None, int]]] = [
@@ -275,6 +295,8 @@ class SearchNetwork(nn.Module):
   primitives: tuple[str, ...] = PRIMITIVES
   impl: str = 'auto'
   remat: bool = False  # cells recomputed in the backward pass (ops.recompute)
+  # The cells' preprocessing recomputed in the backward pass (implied by ``remat``).
+  recompute_preprocessing: bool = True
   bn_groups: int = 1
 
   def arch_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -317,7 +339,9 @@ class SearchNetwork(nn.Module):
         C_curr *= 2
       cell = cell_cls(C_curr, reduction, reduction_prev, train, self.steps, self.multiplier,
                       self.k, self.sampling, self.primitives, self.impl,
-                      bn_groups=self.bn_groups, name=f'cell_{i}')
+                      bn_groups=self.bn_groups,
+                      recompute_preprocessing=self.recompute_preprocessing and not self.remat,
+                      name=f'cell_{i}')
       op_w, edge_w = weights['reduce' if reduction else 'normal']
       # Without edge normalization every edge weighs 1: the nodes are plain sums.
       s0, s1 = s1, cell(s0, s1, op_w, edge_w if self.edge_normalization else None)
