@@ -2,6 +2,7 @@ r"""Search-step throughput, memory, FLOPs and compile time of the DARTS / PC-DAR
 
   python experiments/benchmark_search.py --methods=pcdarts,darts --batch_sizes=64,256
   python experiments/benchmark_search.py --methods=pcdarts --batch_sizes=256 --remat=0,1
+  python experiments/benchmark_search.py --settings=pcdarts:256,pcdarts:256:1,darts:64
   python experiments/benchmark_search.py --methods=pcdarts --cache=cold,warm
   python experiments/benchmark_search.py --methods=pcdarts --compile=concurrent,sequential
 
@@ -15,6 +16,10 @@ runs it (state replicated, batches split over a mesh of all devices), runs it on
 batches and reports:
 
   images_per_s   (arch batch + weight batch) / median step time
+  projected_search_h  the config's whole search (50 epochs of 25,000 training images)
+                 at the measured step times: the arch warm-up epochs at the weight
+                 phase's alone, the rest at the full step's; steps only (data loading
+                 and the per-epoch evaluation come on top)
   peak_bytes     peak resident memory of the process on CPU (compilation and steps; XLA's
                  analyses below run after it is read, as a search does not run them);
                  peak device memory on GPU
@@ -40,7 +45,8 @@ batches and reports:
 Each setting's stages (state creation, compilation, timing) are printed with
 timestamps as they finish. A table is printed and the records are written as JSON (the
 path is printed) after every setting; a failed setting's record holds its fatal lines and
-the path of its whole log, kept beside the JSON.
+the path of its whole log, kept beside the JSON. With PC-DARTS at batch 256 and DARTS at
+batch 64 among the settings, a last line compares their memory (the paper's claim).
 """
 
 import argparse
@@ -130,6 +136,17 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
+  # The weight phase alone: a step of the arch warm-up epochs, whose arch phase is skipped.
+  weight_times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, _ = compiled.phases[1](state, train, val)
+    jax.block_until_ready(state)
+    weight_times.append(time.perf_counter() - t)
+  weight_step_s = float(np.median(weight_times))
+  o = config.optim
+  search_s = steps_per_epoch * (o.arch_warmup_epochs * weight_step_s
+                                + (o.epochs - o.arch_warmup_epochs) * step_s)
 
   device = jax.devices()[0]
   if device.platform == 'gpu':
@@ -153,6 +170,11 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
       'method': method, 'batch_size': batch_size, 'remat': remat, 'C': config.model.C,
       'layers': config.model.layers, 'k': config.model.k,
       'images_per_s': 2 * batch_size / step_s, 'step_s': step_s, 'step_times_s': times,
+      'weight_step_s': weight_step_s,
+      # The config's whole search (CIFAR-10: 25,000 training images for the weights), steps
+      # only: per epoch, data loading and the held-out evaluation come on top.
+      'epochs': o.epochs, 'steps_per_epoch': steps_per_epoch,
+      'projected_search_h': search_s / 3600,
       'peak_bytes': peak_bytes, 'peak_kind': peak_kind,
       # The phases run one after the other: the step needs the larger one's buffers.
       'xla_temp_bytes': _max_field(memory, 'temp_size_in_bytes'),
@@ -187,7 +209,7 @@ def _max_field(analyses, field: str):
 HEADER = (f'{"method":8} {"batch":>5} {"remat":>5} {"cache":>5} {"compile":>10} '
           f'{"compile s":>9} '
           f'{"step s":>7} {"img/s":>7} {"peak GB":>8} {"compile GB":>10} {"xla temp GB":>11} '
-          f'{"GFLOP/step":>10} {"GFLOP/s":>8} {"of peak":>7}')
+          f'{"GFLOP/step":>10} {"GFLOP/s":>8} {"of peak":>7} {"search h":>8}')
 
 
 def row(r: dict) -> str:
@@ -201,7 +223,39 @@ def row(r: dict) -> str:
   return (f'{head} {r["compile_s"]:>9.1f} {r["step_s"]:>7.3f} {r["images_per_s"]:>7.1f} '
           f'{gb(r["peak_bytes"]):>8.2f} {gb(r["compile_peak_bytes"]):>10.2f} '
           f'{gb(r["xla_temp_bytes"]):>11.2f} {r["flops_per_step"] / 1e9:>10.1f} '
-          f'{r["achieved_flops_per_s"] / 1e9:>8.1f} {frac:>7}')
+          f'{r["achieved_flops_per_s"] / 1e9:>8.1f} {frac:>7} '
+          f'{r.get("projected_search_h", float("nan")):>8.1f}')
+
+
+def memory_claim(records: list[dict]) -> list[str]:
+  """Lines comparing PC-DARTS at batch 256 with DARTS at batch 64 (the paper's claim: no
+  more memory), one per pair of measured rows (by rematerialization and compile mode)."""
+  ok = [r for r in records if 'error' not in r]
+  lines = []
+  for pc in (r for r in ok if r['method'] == 'pcdarts' and r['batch_size'] == 256):
+    for darts in (r for r in ok if r['method'] == 'darts' and r['batch_size'] == 64
+                  and r['cache'] == pc['cache'] and r['compile_mode'] == pc['compile_mode']):
+      ratio = lambda f: f'{pc[f] / 1e9:.2f} / {darts[f] / 1e9:.2f} GB ({pc[f] / darts[f]:.2f}x)'  # noqa: E731
+      lines.append(f'PC-DARTS batch 256 (remat {int(pc["remat"])}) against DARTS batch 64 '
+                   f'(remat {int(darts["remat"])}): peak {ratio("peak_bytes")}, XLA buffers '
+                   f'{ratio("xla_temp_bytes")}')
+  return lines
+
+
+def parse_settings(args) -> list[tuple[str, int, str]]:
+  """(method, batch size, remat) of every setting: ``--settings`` where given, else every
+  combination of ``--methods``, ``--batch_sizes`` and ``--remat``."""
+  if not args.settings:
+    return [(m, int(b), r) for m in args.methods.split(',')
+            for b in args.batch_sizes.split(',') for r in args.remat.split(',')]
+  settings = []
+  for item in args.settings.split(','):
+    parts = item.split(':')
+    if len(parts) not in (2, 3) or not parts[1].isdigit() or parts[2:] not in ([], ['0'], ['1']):
+      sys.exit(f'--settings: {item!r} is not METHOD:BATCH or METHOD:BATCH:REMAT '
+               '(e.g. pcdarts:256:1).')
+    settings.append((parts[0], int(parts[1]), parts[2] if parts[2:] else '0'))
+  return settings
 
 
 def main():
@@ -218,6 +272,10 @@ def main():
                            'except on the CPU backend) or a comma-separated list: compile '
                            "the step's arch and weight phases side by side or one at a time "
                            '(config.compile_mode)')
+  parser.add_argument('--settings', default='',
+                      help='METHOD:BATCH[:REMAT],... (e.g. pcdarts:256,darts:64): these '
+                           'settings instead of every combination of --methods, '
+                           '--batch_sizes and --remat')
   parser.add_argument('--steps', type=int, default=3, help='timed steps after a warm-up')
   parser.add_argument('--peak_flops', type=float, default=0.0,
                       help='device peak FLOP/s for the fraction-of-peak column')
@@ -238,9 +296,11 @@ def main():
   for mode in args.compile.split(','):
     if mode not in ('auto', 'concurrent', 'sequential'):
       sys.exit(f'--compile: unknown mode {mode!r}; choose auto, concurrent or sequential.')
-  for method in args.methods.split(','):
+  settings = parse_settings(args)
+  for method, _, _ in settings:
     if method not in CONFIGS:
-      sys.exit(f'--methods: unknown method {method!r}; choose from {sorted(CONFIGS)}.')
+      sys.exit(f'--methods, --settings: unknown method {method!r}; choose from '
+               f'{sorted(CONFIGS)}.')
 
   def child(method, batch_size, remat, mode, cache_dir, label):
     """Runs one setting in a fresh process: (record, None) or (None, error lines).
@@ -299,16 +359,16 @@ def main():
 
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   records = []
-  for method in args.methods.split(','):
-    for batch_size in (int(b) for b in args.batch_sizes.split(',')):
-      for remat in args.remat.split(','):
-        for mode in args.compile.split(','):
-          for cache in args.cache.split(','):
-            run_one(method, batch_size, remat, mode, cache, records)
+  for method, batch_size, remat in settings:
+    for mode in args.compile.split(','):
+      for cache in args.cache.split(','):
+        run_one(method, batch_size, remat, mode, cache, records)
 
   print(HEADER)
   for r in records:
     print(row(r))
+  for line in memory_claim(records):
+    print(line)
   print(f'Wrote {args.out}')
 
 
