@@ -10,10 +10,11 @@ and half for the architecture, random crop + flip, first order.
 Needs CIFAR-10 prepared with TFDS (see the README). Paper: 0.1 GPU-days on a GTX 1080Ti,
 found cell 2.57 +- 0.07 % test error after retraining. The full search is a GPU/TPU job:
 measured on a 2-core CPU (experiments/benchmark_search.py) this supernet's step takes
-2.1-2.3 s at batch 64 (50-59 s to compile, with the native CPU kernels), i.e. days for the
-50 epochs. No full search has been run with jaxnas yet: there was no CIFAR-10 where it
-was measured, and on the one GPU tried (an H100) the step had not finished compiling in
-the time available (see the README's Performance section). The ``smoke`` variant
+2.1-2.3 s at batch 64 on a fast day (50-59 s to compile, with the native CPU kernels) and
+21.6 s at batch 256 on a slower one, 29 hours of steps for the 50 epochs. No full
+search has been run with jaxnas yet: there was no CIFAR-10 where it was measured, and on
+the one GPU tried (an H100) the step had not finished compiling in the time available
+(see experiments/PERFORMANCE.md). The ``smoke`` variant
 (``configs/pcdarts_cifar.py:smoke``) checks a setup end to end on CPU.
 """
 
