@@ -7,7 +7,6 @@ The last line of stdout is a JSON object of numbers for the test to assert on.
 
 import json
 import os
-import re
 import shutil
 import sys
 
@@ -23,6 +22,7 @@ from jaxnas import checkpoint as ckpt_lib  # noqa: E402  pylint: disable=g-impor
 from jaxnas import genotypes  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxnas import parallel  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxnas import search  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxnas.ops import native as native_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxnas.ops import primitives as ops  # noqa: E402  pylint: disable=g-import-not-at-top
 from test_parallel import bn_reference  # noqa: E402  pylint: disable=g-import-not-at-top
 from test_search import tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -59,24 +59,20 @@ def one_step(num_devices, batch_norm, batches, remat=False):
 
 # Which of a native kernel's arrays hold samples (as [*edges, N, H, W, C]): the output
 # and then its operands in order. The filters and the weight gradient do not.
-_SAMPLED = {'jaxnas_depthwise_conv': (True, True, False),
-            'jaxnas_depthwise_weight_grad': (False, True, True)}
+_SAMPLED = {native_lib.CONV_TARGET: (True, True, False),
+            native_lib.WEIGHT_GRAD_TARGET: (False, True, True)}
 
 
 def kernel_batches(hlo: str) -> dict:
   """The native kernels' calls in a compiled program, the sample counts their arrays
   hold, and the program's all-gathers."""
-  samples, calls = set(), 0
-  shape = r'\w+\[([\d,]*)\]'
-  for out, target, operands in re.findall(
-      rf'= {shape}\S* custom-call\(.*?custom_call_target="(jaxnas_\w+)", '
-      rf'operand_layout_constraints={{(.*?)}}}}', hlo):
-    calls += 1
-    arrays = [out, *re.findall(shape, operands)]
-    for dims, sampled in zip(arrays, _SAMPLED.get(target, (True,) * len(arrays))):
-      if sampled:
-        samples.add(int(dims.split(',')[-4]))
-  return {'calls': calls, 'samples': sorted(samples), 'all_gathers': hlo.count('all-gather(')}
+  calls = [(t, [out, *operands]) for t, out, operands in native_lib.kernel_calls(hlo)
+           if t.startswith('jaxnas_')]
+  samples = {dims[-4] for target, arrays in calls
+             for dims, sampled in zip(arrays, _SAMPLED.get(target, (True,) * len(arrays)))
+             if sampled}
+  return {'calls': len(calls), 'samples': sorted(samples),
+          'all_gathers': hlo.count('all-gather(')}
 
 
 def check_step() -> dict:

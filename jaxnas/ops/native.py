@@ -256,18 +256,24 @@ def pool_scatter(index, g, window, stride, padding, out_shape):
                _pool_attrs(window, stride, padding), sampled=(True, True))
 
 
-_SHAPE = r'f32\[([\d,]*)\]'
+_SHAPE = r'\w+\[([\d,]*)\]'  # an array's dims, of any dtype
 _CALL = re.compile(rf'= {_SHAPE}\S* custom-call\(.*?custom_call_target="(\w+)", '
                    rf'operand_layout_constraints={{(.*?)}}}}')
+
+
+def kernel_calls(hlo_text: str) -> list[tuple[str, list[int], list[list[int]]]]:
+  """(target, output dims, operand dims) of every single-output custom call in a
+  compiled program's HLO text (``compiled.as_text()``)."""
+  dims = lambda text: [int(d) for d in text.split(',') if d]  # noqa: E731
+  return [(target, dims(out), [dims(o) for o in re.findall(_SHAPE, operands)])
+          for out, target, operands in _CALL.findall(hlo_text)]
 
 
 def custom_call_flops(hlo_text: str) -> float:
   """FLOPs (2 per multiply-add) of the kernels' calls in a compiled program's
   HLO text (``compiled.as_text()``), which XLA's cost analysis counts as zero."""
   total = 0.0
-  for out, target, operands in _CALL.findall(hlo_text):
-    out = [int(d) for d in out.split(',') if d]
-    shapes = [[int(d) for d in dims.split(',') if d] for dims in re.findall(_SHAPE, operands)]
+  for target, out, shapes in kernel_calls(hlo_text):
     if target == CONV_TARGET:  # (x, w) -> y: every output element takes kh * kw taps.
       total += 2 * math.prod(out) * math.prod(shapes[1][-3:-1])
     elif target == WEIGHT_GRAD_TARGET:  # (x, g) -> dw: every g element, kh * kw taps.
