@@ -129,21 +129,23 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
 
   state, _ = compiled(state, train, val)  # warm-up
   jax.block_until_ready(state)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, train, val)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - t)
+
+  def timed(run):
+    """Seconds of each of ``steps`` calls of ``run`` on the state, which they advance,
+    and the last call's metrics."""
+    nonlocal state
+    seconds = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      state, metrics = run(state, train, val)
+      jax.block_until_ready(state)
+      seconds.append(time.perf_counter() - t)
+    return seconds, metrics
+
+  times, metrics = timed(compiled)
   step_s = float(np.median(times))
   # The weight phase alone: a step of the arch warm-up epochs, whose arch phase is skipped.
-  weight_times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, _ = compiled.phases[1](state, train, val)
-    jax.block_until_ready(state)
-    weight_times.append(time.perf_counter() - t)
-  weight_step_s = float(np.median(weight_times))
+  weight_step_s = float(np.median(timed(compiled.phases[1])[0]))
   o = config.optim
   search_s = steps_per_epoch * (o.arch_warmup_epochs * weight_step_s
                                 + (o.epochs - o.arch_warmup_epochs) * step_s)
