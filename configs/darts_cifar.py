@@ -12,18 +12,27 @@ at batch 64 (79 s to compile, with the native CPU kernels), so a GPU/TPU job; no
 yet. ``configs/darts_cifar.py:smoke`` checks a setup end to end on CPU.
 """
 
-from jaxnas import base_config
+from jaxnas.methods import darts
 
 
 def get_config(arg=None):
-  config = base_config.search_config()
-  config.method = 'darts'
+  config = darts.get_config()
+  config.data.name = 'cifar10'
+  config.data.train_portion = 0.5
+  config.data.augment = True
+  config.model.C = 16
+  config.model.layers = 8
   config.model.k = 1
   config.model.edge_normalization = False
   config.optim.batch_size = 64
+  config.optim.epochs = 50
   config.optim.learning_rate = 0.025
   config.optim.learning_rate_min = 0.001
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 3e-4
+  config.optim.grad_clip = 5.0
   config.optim.arch_learning_rate = 3e-4
+  config.optim.arch_weight_decay = 1e-3
   config.optim.arch_warmup_epochs = 0
-  base_config.apply_variant(config, arg, 'darts_cifar')
-  return config
+  config.optim.order = 1
+  return darts.METHOD.apply_variant(config, arg, 'darts_cifar')

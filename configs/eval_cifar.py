@@ -21,5 +21,5 @@ from jaxnas import base_config
 
 def get_config(arg=None):
   config = base_config.train_config()
-  base_config.apply_variant(config, arg, 'eval_cifar')
+  base_config.apply_variant(config, arg, 'eval_cifar', base_config.TRAIN_VARIANTS)
   return config

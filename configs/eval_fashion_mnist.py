@@ -33,5 +33,5 @@ def get_config(arg=None):
   config.optim.steps_per_epoch = 250
   config.optim.learning_rate = 0.05
   config.log_every_steps = 50
-  base_config.apply_variant(config, arg, 'eval_fashion_mnist')
+  base_config.apply_variant(config, arg, 'eval_fashion_mnist', base_config.TRAIN_VARIANTS)
   return config

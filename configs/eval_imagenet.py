@@ -36,7 +36,7 @@ def get_config(arg=None):
   config.optim.weight_decay = 3e-5
   config.optim.label_smoothing = 0.1
   config.eval_batch_size = 250
-  base_config.apply_variant(config, arg, 'eval_imagenet')
+  base_config.apply_variant(config, arg, 'eval_imagenet', base_config.TRAIN_VARIANTS)
   if arg == 'smoke':
     config.genotype = 'PC_DARTS_image'
     config.data.image_size = 64

@@ -18,10 +18,29 @@ the one GPU tried (an H100) the step had not finished compiling in the time avai
 (``configs/pcdarts_cifar.py:smoke``) checks a setup end to end on CPU.
 """
 
-from jaxnas import base_config
+from jaxnas.methods import pcdarts
 
 
 def get_config(arg=None):
-  config = base_config.search_config()
-  base_config.apply_variant(config, arg, 'pcdarts_cifar')
-  return config
+  config = pcdarts.get_config()
+  config.data.name = 'cifar10'
+  config.data.train_portion = 0.5
+  config.data.augment = True
+  config.model.C = 16
+  config.model.layers = 8
+  config.model.k = 4
+  config.model.channel_sampling = 'shuffle'
+  config.model.edge_normalization = True
+  config.optim.batch_size = 256
+  config.optim.epochs = 50
+  config.optim.learning_rate = 0.1
+  config.optim.learning_rate_min = 0.0
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 3e-4
+  config.optim.grad_clip = 5.0
+  config.optim.arch_learning_rate = 6e-4
+  config.optim.arch_betas = (0.5, 0.999)
+  config.optim.arch_weight_decay = 1e-3
+  config.optim.arch_warmup_epochs = 15
+  config.optim.order = 1
+  return pcdarts.METHOD.apply_variant(config, arg, 'pcdarts_cifar')

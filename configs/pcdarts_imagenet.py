@@ -13,25 +13,29 @@ accelerator where jaxnas was measured). ``configs/pcdarts_imagenet.py:smoke`` (6
 images) checks a setup end to end on CPU.
 """
 
-from jaxnas import base_config
+from jaxnas.methods import pcdarts
 
 
 def get_config(arg=None):
-  config = base_config.search_config()
+  config = pcdarts.get_config()
   config.data.name = 'imagenet2012'
   config.data.image_size = 224
   config.data.per_class_fractions = (0.1, 0.025)
   config.data.augment = True
+  config.model.C = 16
+  config.model.layers = 8
   config.model.stem = 'imagenet'
   config.model.k = 2
+  config.model.edge_normalization = True
   config.optim.batch_size = 1024
+  config.optim.epochs = 50
   config.optim.learning_rate = 0.5
   config.optim.warmup_epochs = 5
   config.optim.arch_learning_rate = 6e-3
   config.optim.arch_grad_clip = 5.0
   config.optim.arch_warmup_epochs = 35
   config.eval_batch_size = 256
-  base_config.apply_variant(config, arg, 'pcdarts_imagenet')
+  config = pcdarts.METHOD.apply_variant(config, arg, 'pcdarts_imagenet')
   if arg == 'smoke':
     config.data.image_size = 64
   return config

@@ -1,19 +1,20 @@
-"""Shared defaults of the search configs (configs/*.py import this module).
+"""Shared config defaults: the search loop's fields (each method adds its own, in
+jaxnas/methods/) and the evaluation stage's.
 
-Every field a search reads is declared here, so an override of a field that does not
-exist (``--config.optim.lr=...`` instead of ``learning_rate``) fails at flag parsing.
+Every field a run reads is declared in a config, so an override of a field that does
+not exist (``--config.optim.lr=...`` instead of ``learning_rate``) fails at flag parsing.
 """
 
 import ml_collections
 
-from jaxnas import genotypes
 
-
-def search_config() -> ml_collections.ConfigDict:
-  """PC-DARTS on CIFAR-10 with the paper's settings; the configs change what differs."""
+def loop_config() -> ml_collections.ConfigDict:
+  """The fields of the shared search loop (data, batches, logging, checkpoints,
+  compilation, devices); a method's ``get_config`` adds its model and optimizer fields
+  (jaxnas/methods/)."""
   c = ml_collections.ConfigDict()
-  c.method = 'pcdarts'       # 'pcdarts' | 'darts' (the label a run is reported under)
-  c.space = 'darts'          # search space, by name (jaxnas.spaces)
+  c.method = ''              # a name in jaxnas.methods.METHODS
+  c.space = ''               # a name in jaxnas.spaces.SEARCH_SPACES
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
@@ -22,41 +23,15 @@ def search_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
   c.data.image_size = ml_collections.config_dict.placeholder(int)
   c.data.max_examples = ml_collections.config_dict.placeholder(int)
-  c.data.train_portion = 0.5  # first half of the train split for weights, rest for alphas
-  # ImageNet search: fractions of each class for (weights, alphas) instead of train_portion.
+  c.data.train_portion = 0.5  # first part of the train split for weights, rest for the arch
+  # ImageNet search: fractions of each class for (weights, arch) instead of train_portion.
   c.data.per_class_fractions = ml_collections.config_dict.placeholder(tuple)
   c.data.augment = True       # random crop (padding crop_padding) + horizontal flip
   c.data.crop_padding = 4
 
-  c.model = ml_collections.ConfigDict()
-  c.model.C = 16
-  c.model.layers = 8
-  c.model.steps = 4
-  c.model.multiplier = 4
-  c.model.stem_multiplier = 3
-  c.model.stem = 'cifar'      # 'cifar' | 'imagenet' (three stride-2 convs)
-  c.model.primitives = genotypes.PRIMITIVES  # the candidate ops of every edge
-  c.model.k = 4               # partial channels: 1/k of the channels go through the mixed op
-  c.model.channel_sampling = 'shuffle'  # 'shuffle' (reference) | 'random'
-  c.model.edge_normalization = True
-  c.model.depthwise_impl = 'auto'       # 'auto' | 'xla' | 'shifted' | 'native'
-  c.model.remat = False  # recompute each cell in the backward pass (less memory, slower)
-
   c.optim = ml_collections.ConfigDict()
   c.optim.batch_size = 256
   c.optim.epochs = 50
-  c.optim.learning_rate = 0.1
-  c.optim.learning_rate_min = 0.0
-  c.optim.warmup_epochs = 0
-  c.optim.momentum = 0.9
-  c.optim.weight_decay = 3e-4
-  c.optim.grad_clip = 5.0
-  c.optim.arch_learning_rate = 6e-4
-  c.optim.arch_betas = (0.5, 0.999)
-  c.optim.arch_weight_decay = 1e-3
-  c.optim.arch_grad_clip = 0.0     # 0: no clipping of the arch gradient
-  c.optim.arch_warmup_epochs = 15  # alphas/betas are updated from this epoch on
-  c.optim.order = 1                # 1: first order; 2: unrolled second order (DARTS)
   c.optim.steps_per_epoch = 0      # 0: a full pass over the smaller split
 
   c.log_every_steps = 50
@@ -65,7 +40,7 @@ def search_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 500
   c.eval_max_examples = 0          # 0: evaluate on the whole held-out arch split
   c.compilation_cache_dir = '~/.cache/jaxnas/xla'  # '' disables the persistent cache
-  # The search step is two programs (arch and weight phase), compiled with the eval step:
+  # The search step's programs (one per phase), compiled with the eval step:
   # 'concurrent' side by side (sooner on 2+ cores, more host memory while compiling),
   # 'sequential' one at a time; 'auto': concurrent on GPU/TPU hosts, sequential on CPU.
   c.compile_mode = 'auto'
@@ -83,7 +58,7 @@ def parallel_config() -> ml_collections.ConfigDict:
   return p
 
 
-def _few_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def few_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Two epochs of three steps of 16 images on a few hundred examples (smoke runs)."""
   c.optim.batch_size = 16
   c.optim.epochs = 2
@@ -96,24 +71,10 @@ def _few_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A run of a few steps on a tiny supernet, for checking a setup end to end."""
-  c.model.C = 8
-  c.model.layers = 3
-  c.model.steps = 2
-  c.model.multiplier = 2
-  c.optim.arch_warmup_epochs = 1
-  return _few_steps(c)
-
-
-VARIANTS = {'smoke': smoke}
-
-
-def apply_variant(c: ml_collections.ConfigDict, arg, config_name: str):
+def apply_variant(c: ml_collections.ConfigDict, arg, config_name: str, variants: dict):
   """Applies the variant named after the config path's colon (``configs/x.py:smoke``)."""
   if not arg:
     return c
-  variants = TRAIN_VARIANTS if c.method == 'train' else VARIANTS
   if arg not in variants:
     raise ValueError(f'Unknown variant {arg!r} of {config_name}; known: {", ".join(variants)}.')
   return variants[arg](c)
@@ -181,7 +142,7 @@ def train_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.genotype = 'PC_DARTS_cifar'
   c.model.C = 8
   c.model.layers = 5
-  return _few_steps(c)
+  return few_steps(c)
 
 
 TRAIN_VARIANTS = {'smoke': train_smoke}

@@ -1,7 +1,7 @@
 """Runs a jaxnas config: ``python -m jaxnas.main --config=configs/x.py --workdir=DIR``.
 
-A search config (method 'pcdarts' or 'darts') runs a search; an evaluation config
-(method 'train') trains a genotype from scratch. ``--dry_run`` builds the model from the
+A search config (``config.method`` a name in ``jaxnas.methods.METHODS``) runs a search;
+an evaluation config (method 'train') trains a genotype from scratch. ``--dry_run`` builds the model from the
 config alone, prints its summary (parameters, multiply-adds, genotype), writes it to
 ``DIR/summary.json`` and exits.
 """
@@ -38,10 +38,13 @@ def dry_run(config, workdir: str) -> dict:
   """The model summary of ``config``, printed and written to ``workdir/summary.json``."""
   if config.method == 'train':
     summary = train.model_summary(config, train.validate_config(config))
+    text = summary_lib.format_summary(summary)
   else:
     search.validate_config(config)
-    summary = summary_lib.supernet_summary(config, search.build_model)
-  print(summary_lib.format_summary(summary))
+    method = search.method_of(config)
+    summary = method.summary(config)
+    text = method.format_summary(summary)
+  print(text)
   if summary_lib.holds_result(workdir):
     print(f'Left {os.path.join(workdir, summary_lib.SUMMARY_FILE)} as it is: it holds the '
           "result of a run in this workdir.")
@@ -89,7 +92,8 @@ def parse_flags(argv):
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
     print(f'jaxnas: error: cannot apply {" ".join(overrides) or "the --config flag"} '
-          f'({e}); every config field is declared in jaxnas/base_config.py.', file=sys.stderr)
+          f'({e}); every config field is declared in its method\'s get_config '
+          '(jaxnas/methods/) or in jaxnas/base_config.py.', file=sys.stderr)
     sys.exit(1)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from jaxnas import checkpoint as ckpt_lib
+from jaxnas import common
 from jaxnas import data as data_lib
 from jaxnas import export
 from jaxnas import flops
@@ -31,13 +32,12 @@ from jaxnas import genotypes
 from jaxnas import host_memory
 from jaxnas import metrics as metrics_lib
 from jaxnas import parallel
-from jaxnas import search
 from jaxnas import summary as summary_lib
 from jaxnas.ops import depthwise
 from jaxnas.spaces import darts_eval
 
-ConfigError = search.ConfigError
-NonFiniteLossError = search.NonFiniteLossError
+ConfigError = common.ConfigError
+NonFiniteLossError = common.NonFiniteLossError
 SCHEDULES = ('cosine', 'linear')
 
 
@@ -186,7 +186,7 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 def create_state(model, input_shape, tx, seed: int,
                  mesh: jax.sharding.Mesh | None = None) -> TrainState:
   # 'rbg' keys: the retraining results in the README were measured with them.
-  rbg, run_key = search.init_keys(seed, impl='rbg')
+  rbg, run_key = common.init_keys(seed, impl='rbg')
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
 
   def init(rbg_key):
@@ -272,7 +272,7 @@ def make_eval_step(model):
 def evaluate(eval_step, params, batch_stats, dataset, indices, batch_size,
              mesh: jax.sharding.Mesh | None = None) -> dict:
   """Masked loss, top-1 and top-5 over ``indices``; batches are split over ``mesh``."""
-  totals = search.sum_over_batches(lambda batch: eval_step(params, batch_stats, batch),
+  totals = common.sum_over_batches(lambda batch: eval_step(params, batch_stats, batch),
                                    dataset, indices, batch_size, mesh)
   n = max(totals['count'], 1.0)
   return {'loss': totals['loss'] / n, 'top1': totals['top1'] / n, 'top5': totals['top5'] / n,
@@ -301,10 +301,10 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   # --- checks: every user error surfaces here, before data loading or compilation.
   genotype = validate_config(config)
   for split in ('train', 'test'):
-    search.check_data(config, split)
+    common.check_data(config, split)
   os.makedirs(workdir, exist_ok=True)
   ckpt_lib.check_workdir_config(workdir, config)
-  search.setup_compilation_cache(config.compilation_cache_dir)
+  common.setup_compilation_cache(config.compilation_cache_dir)
   o = config.optim
   t_start = time.perf_counter()
   summary = model_summary(config, genotype)
@@ -416,7 +416,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
               f'{metrics_lib.format_seconds(epoch_result["epoch_time_s"])}', flush=True)
         epoch_sums, epoch_t0 = {}, time.perf_counter()
       if epoch_end or step % config.checkpoint_every_steps == 0:
-        search.save_if_finite(manager, step, state, state.params, 'weights', workdir)
+        common.save_if_finite(manager, step, state, state.params, 'weights', workdir)
 
   manager.wait_until_finished()
   if not epoch_result:  # resumed a finished run: score the final state again

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnas import base_config
 from jaxnas import genotypes
 from jaxnas import parallel
 from jaxnas import search
+from jaxnas.methods import darts as darts_method
+from jaxnas.methods import pcdarts
 from jaxnas.spaces import darts
 from test_data import write_fashion_mnist
 
@@ -28,7 +29,7 @@ TINY_PRIMITIVES = ('none', 'max_pool_3x3', 'skip_connect', 'sep_conv_3x3')
 
 def tiny_config(**model):
   """A supernet small enough to compile quickly: 3 cells of 2 nodes, C=4."""
-  c = base_config.smoke(base_config.search_config())
+  c = pcdarts.METHOD.apply_variant(pcdarts.get_config(), 'smoke', 'pcdarts')
   c.model.update(dict(C=4, layers=3, steps=2, multiplier=2, k=2,
                       primitives=TINY_PRIMITIVES), **model)
   c.optim.batch_size = 4
@@ -49,7 +50,7 @@ def phase_setup():
   model = search.build_model(config, 10)
   weight_tx, arch_tx = search.make_optimizers(config, steps_per_epoch=3)
   state = search.create_state(model, (8, 8, 3), weight_tx, arch_tx, seed=0)
-  arch_step, weight_step = search.make_phase_steps(model, weight_tx, arch_tx, config, 3)
+  arch_step, weight_step = darts_method.make_phase_steps(model, weight_tx, arch_tx, config, 3)
   rng = np.random.default_rng(0)
   batches = random_batch(rng, 4, (8, 8, 3)), random_batch(rng, 4, (8, 8, 3))
   return state, jax.jit(arch_step), jax.jit(weight_step), batches
@@ -160,8 +161,8 @@ def test_second_order_hypergradient_matches_finite_differences():
     val = {'image': jnp.asarray(rng.normal(size=(2, 4, 4, 1))), 'label': jnp.array([1, 0])}
     bs = variables['batch_stats']
     keys = (jax.random.PRNGKey(1), jax.random.PRNGKey(2))
-    loss_fn = lambda *a: search._loss_fn(model, *a)  # noqa: E731
-    hyper = lambda a: search.unrolled_arch_grad(  # noqa: E731
+    loss_fn = lambda *a: darts_method.loss_fn(model, *a)  # noqa: E731
+    hyper = lambda a: darts_method.unrolled_arch_grad(  # noqa: E731
         loss_fn, params, a, bs, train, val, buffer, 0.5, 0.9, 3e-4, keys)
     hyper = jax.jit(hyper)  # one program serves the gradient and the differences
     (_, _), grad = hyper(arch)

@@ -1,1 +1,8 @@
-"""Search spaces, chosen by name."""
+"""Search spaces, chosen by name (``config.space``): each a supernet module class. A
+method says which spaces it searches (its ``validate``)."""
+
+from jaxnas.spaces import darts
+
+SEARCH_SPACES = {
+    'darts': darts.SearchNetwork,             # DARTS / PC-DARTS: every edge a mixed op
+}

@@ -405,6 +405,3 @@ def derive_genotype(arch: dict[str, Any], steps: int = 4,
 
   concat = list(range(2, 2 + steps))
   return genotypes.Genotype(parse('normal'), concat, parse('reduce'), concat)
-
-
-SEARCH_SPACES = {'darts': SearchNetwork}
