@@ -30,6 +30,11 @@ PRIMITIVES = (
     'dil_conv_5x5',
 )
 
+# Ops a derived cell may use: the DARTS primitives but 'none', and the sep_conv_7x7 of
+# the UNAS cell space (jaxnas.spaces.sampled_darts). PRIMITIVES keeps the DARTS search
+# space's op order; this tuple only widens what a genotype may name.
+GENOTYPE_OPS = PRIMITIVES[1:] + ('sep_conv_7x7',)
+
 # Ops without weights; a cell made only of these is the "collapse" failure mode.
 PARAMETER_FREE = ('none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect')
 
@@ -125,14 +130,14 @@ def _validate_cell(name, edges, concat, steps, source):
       raise GenotypeError(
           f'{source}: {name}[{k}] = {edge!r} is not an (op, input_index) pair.')
     op, index = edge
-    if not isinstance(op, str) or op not in PRIMITIVES:
-      raise GenotypeError(
-          f'{source}: {name}[{k}] uses unknown op {op!r}; valid ops are '
-          f'{", ".join(PRIMITIVES[1:])}.')
     if op == 'none':
       raise GenotypeError(
           f"{source}: {name}[{k}] uses op 'none', which a derived cell never "
-          f'keeps; pick one of {", ".join(PRIMITIVES[1:])}.')
+          f'keeps; pick one of {", ".join(GENOTYPE_OPS)}.')
+    if not isinstance(op, str) or op not in GENOTYPE_OPS:
+      raise GenotypeError(
+          f'{source}: {name}[{k}] uses unknown op {op!r}; valid ops are '
+          f'{", ".join(GENOTYPE_OPS)}.')
     node = 2 + k // 2  # the node this edge feeds, numbered like concat indices
     i = _as_index(index)
     if i is None or not 0 <= i <= node - 1:

@@ -9,10 +9,12 @@ line in ``METHODS`` and one config under ``configs/``. ``register`` adds one at 
 from jaxnas.methods import base
 from jaxnas.methods import darts
 from jaxnas.methods import pcdarts
+from jaxnas.methods import unas
 
 METHODS: dict[str, base.Method] = {
     'darts': darts.METHOD,
     'pcdarts': pcdarts.METHOD,
+    'unas': unas.METHOD,
 }
 
 

@@ -471,6 +471,7 @@ def make_op(name: str, features: int, stride: int, affine: bool,
                                else FactorizedReduce(features, affine, name=name)),
       'sep_conv_3x3': lambda: SepConv(features, 3, stride, affine, impl, name=name),
       'sep_conv_5x5': lambda: SepConv(features, 5, stride, affine, impl, name=name),
+      'sep_conv_7x7': lambda: SepConv(features, 7, stride, affine, impl, name=name),
       'dil_conv_3x3': lambda: DilConv(features, 3, stride, 2, affine, impl, name=name),
       'dil_conv_5x5': lambda: DilConv(features, 5, stride, 2, affine, impl, name=name),
   }
