@@ -63,7 +63,8 @@ import time
 from jaxnas import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {'pcdarts': 'configs/pcdarts_cifar.py', 'darts': 'configs/darts_cifar.py'}
+CONFIGS = {'pcdarts': 'configs/pcdarts_cifar.py', 'darts': 'configs/darts_cifar.py',
+           'unas': 'configs/unas_cifar.py'}
 # Dense float32 peaks (FLOP/s) of accelerators, for the fraction-of-peak column.
 PEAK_FP32 = {'H100': 67e12, 'H200': 67e12, 'A100': 19.5e12, 'V100': 15.7e12}
 
@@ -93,18 +94,25 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   spec.loader.exec_module(module)
   config = module.get_config()
   config.optim.batch_size = batch_size
-  config.optim.arch_warmup_epochs = 0  # time the full bilevel step
-  config.model.remat = remat
+  # The epochs of weight steps alone before the arch updates start: DARTS's
+  # arch_warmup_epochs, UNAS's warmup_epochs. Set to 0 to time the full step.
+  warm_field = 'arch_warmup_epochs' if 'arch_warmup_epochs' in config.optim else 'warmup_epochs'
+  warm_epochs = config.optim[warm_field]
+  config.optim[warm_field] = 0
+  if remat:
+    config.model.remat = remat
   config.compile_mode = compile_mode
   shape = (32, 32, 3)
 
   mesh = parallel.make_mesh()
-  model = search.build_model(config, 10, mesh.size)
-  steps_per_epoch = 50000 // 2 // batch_size
-  weight_tx, arch_tx = search.make_optimizers(config, steps_per_epoch)
+  method_lib = search.method_of(config)
+  model = method_lib.build_model(config, 10, mesh.size)
+  # CIFAR-10's 50,000 training images, the config's share for the weights.
+  steps_per_epoch = int(50000 * config.data.train_portion) // batch_size
+  weight_tx, arch_tx = method_lib.make_optimizers(config, steps_per_epoch)
   start = time.perf_counter()
   progress(f'{method} batch {batch_size} on {jax.devices()[0].device_kind}: creating the state')
-  state = search.create_state(model, shape, weight_tx, arch_tx, seed=0, mesh=mesh)
+  state = method_lib.create_state(model, shape, weight_tx, arch_tx, config, mesh)
   state_s = time.perf_counter() - start
   host_memory.release_host_memory()  # as a search does, here and after compiling
   rng = np.random.default_rng(0)
@@ -147,8 +155,7 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   # The weight phase alone: a step of the arch warm-up epochs, whose arch phase is skipped.
   weight_step_s = float(np.median(timed(compiled.phases[1])[0]))
   o = config.optim
-  search_s = steps_per_epoch * (o.arch_warmup_epochs * weight_step_s
-                                + (o.epochs - o.arch_warmup_epochs) * step_s)
+  search_s = steps_per_epoch * (warm_epochs * weight_step_s + (o.epochs - warm_epochs) * step_s)
 
   device = jax.devices()[0]
   if device.platform == 'gpu':
@@ -170,7 +177,7 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   achieved = flops / step_s
   return {
       'method': method, 'batch_size': batch_size, 'remat': remat, 'C': config.model.C,
-      'layers': config.model.layers, 'k': config.model.k,
+      'layers': config.model.layers, 'k': config.model.get('k', 1),
       'images_per_s': 2 * batch_size / step_s, 'step_s': step_s, 'step_times_s': times,
       'weight_step_s': weight_step_s,
       # The config's whole search (CIFAR-10: 25,000 training images for the weights), steps

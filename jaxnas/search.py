@@ -246,10 +246,13 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   if resumed:
     print(f'Resuming from step {start_step} in {workdir}.', flush=True)
   ckpt_lib.write_config(workdir, config)
+  # The method's own preparation (UNAS: a latency model measured on this backend); the
+  # config it returns differs from the workdir's only in fields the method resolved.
+  train0, val0 = (parallel.shard_batch(b, mesh) for b in batches.batch(0))
+  config = method.prepare(config, workdir, model, state, train0, mesh)
 
   # --- compile (reported; a persistent cache hit makes this fast): the search step's two
   # programs and the eval step's, side by side or in turn (config.compile_mode).
-  train0, val0 = (parallel.shard_batch(b, mesh) for b in batches.batch(0))
   eval0 = next(iter(data_lib.eval_batches(dataset, eval_idx[:1], eval_batch_size,
                                           jax.process_index(), jax.process_count())))
   t_compile = time.perf_counter()
@@ -314,7 +317,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
               f'acc {100 * means["train_acc"]:.2f}% | supernet on held-out arch split: loss '
               f'{held_out["loss"]:.4f} acc {100 * held_out["accuracy"]:.2f}% | '
               f'{metrics_lib.format_seconds(epoch_time)}\n   genotype '
-              f'{method.format(architecture)}', flush=True)
+              f'{method.format(config, architecture)}', flush=True)
         epoch_sums, epoch_t0 = {}, time.perf_counter()
       if epoch_end or step % config.checkpoint_every_steps == 0:
         common.save_if_finite(manager, step, state, (state.params, state.arch),
@@ -323,11 +326,12 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   manager.wait_until_finished()
   arch = arch_arrays(state)
   architecture = method.derive(config, arch)
+  extra = method.finish(config, workdir, model, state, train0, architecture)
   result = {'method': config.method, 'dataset': dataset.name, 'steps': total_steps,
             'compile_s': compile_s, 'wall_s': time.perf_counter() - t_start,
-            'degenerate': method.is_degenerate(architecture), **summary}
+            'degenerate': method.is_degenerate(config, architecture), **summary, **extra}
   written = method.write_outputs(workdir, config, architecture, arch, **result)
   summary_lib.write_summary(workdir, {'model': model_summary, 'result': {
       **result, 'genotype': method.to_json(architecture)}})
-  print(f'Search done: {written}.\n   {method.format(architecture)}', flush=True)
+  print(f'Search done: {written}.\n   {method.format(config, architecture)}', flush=True)
   return {**result, 'genotype': architecture}

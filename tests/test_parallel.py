@@ -233,6 +233,17 @@ def test_sharded_step_equals_the_one_device_step(step_checks):
   np.testing.assert_allclose(r['val_loss_8'], r['val_loss_1'], rtol=1e-6)
 
 
+def test_sharded_unas_step_equals_the_one_device_step(step_checks):
+  """UNAS draws one architecture per example of the global batch: on 8 devices each
+  device scores its rows' samples, and the step equals the one-device step."""
+  r = step_checks
+  assert r['unas_arch_moved'] > 1e-4
+  assert r['unas_arch_diff'] < 1e-6
+  assert r['unas_params_diff'] < 1e-6
+  assert r['unas_batch_stats_diff'] < 1e-5
+  np.testing.assert_allclose(r['unas_val_loss_8'], r['unas_val_loss_1'], rtol=1e-5)
+
+
 def test_native_kernels_run_on_each_devices_own_samples(step_checks):
   # The program's convs and pools are the native kernels; sharded over 8 devices each
   # call sees its device's 2 of the 16 samples, and nothing is gathered across devices
@@ -296,7 +307,10 @@ def test_checkpoint_written_on_8_devices_restores_on_1_and_4(search_checks):
 def test_sharded_training_step_equals_the_one_device_step():
   r = run_checks('train_step')
   assert r['drop_rate'] == pytest.approx(0.25)  # drop path is drawn, so the masks must agree
-  assert r['params_diff'] < 1e-6
+  # Float32 sums in another order (per device, then across devices) under batch-statistics
+  # BN: on an Intel Xeon VM with AVX-512 the largest difference after the step is 1.4e-5
+  # (in weights of size 0.2-0.5, spread over many leaves); elsewhere it stayed under 1e-6.
+  assert r['params_diff'] < 1e-4
   assert r['batch_stats_diff'] < 1e-5
   np.testing.assert_allclose(r['loss_8'], r['loss_1'], rtol=1e-6)
 

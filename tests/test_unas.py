@@ -1,5 +1,6 @@
 """UNAS through the shared loop: its objective, its step and its config errors."""
 
+import json
 import os
 
 import chex
@@ -77,8 +78,10 @@ def test_entropy_of_uniform_categoricals():
 
 @pytest.fixture(scope='module')
 def step_setup():
-  """The tiny model's state and both phases per sampling mode, compiled once."""
+  """The tiny model's state, a batch pair and both phases compiled, per sampling mode."""
   out = {}
+  rng = np.random.default_rng(0)
+  batches = random_batch(rng, 4), random_batch(rng, 4)
   for sampling in ('example', 'batch'):
     config = tiny_config(sampling=sampling)
     config.optim.warmup_epochs = 0
@@ -87,14 +90,15 @@ def step_setup():
     weight_tx, arch_tx = method.make_optimizers(config, 3)
     state = method.create_state(model, (8, 8, 1), weight_tx, arch_tx, config)
     phases = method.make_phases(model, weight_tx, arch_tx, config, 3)
-    out[sampling] = (config, state, [jax.jit(p) for p in phases])
+    arch_phase = jax.jit(phases[0]).lower(state, *batches).compile()
+    after_arch, _ = arch_phase(state, *batches)
+    weight_phase = jax.jit(phases[1]).lower(after_arch, *batches).compile()
+    out[sampling] = (state, batches, (arch_phase, weight_phase))
   return out
 
 
 def test_one_step_moves_the_logits_and_the_weights(step_setup):
-  rng = np.random.default_rng(0)
-  train, val = random_batch(rng, 4), random_batch(rng, 4)
-  for sampling, (_, state, (arch_phase, weight_phase)) in step_setup.items():
+  for sampling, (state, (train, val), (arch_phase, weight_phase)) in step_setup.items():
     after_arch, metrics = arch_phase(state, train, val)
     assert np.isfinite(metrics['val_loss']) and np.isfinite(metrics['arch_grad_norm'])
     moved = [float(jnp.max(jnp.abs(a - b))) for a, b in
@@ -115,12 +119,9 @@ def test_one_step_moves_the_logits_and_the_weights(step_setup):
 def test_per_batch_sampling_scores_z_on_the_discrete_path(step_setup):
   """One architecture per batch: L(z) runs only the sampled ops (conditionals in the
   compiled arch phase); one per example runs every op, masked (no conditionals)."""
-  rng = np.random.default_rng(0)
-  train, val = random_batch(rng, 4), random_batch(rng, 4)
   counts = {}
-  for sampling, (_, state, (arch_phase, _)) in step_setup.items():
-    hlo = arch_phase.lower(state, train, val).compile().as_text()
-    counts[sampling] = hlo.count(' conditional(')
+  for sampling, (_, _, (arch_phase, _)) in step_setup.items():
+    counts[sampling] = arch_phase.as_text().count(' conditional(')
   # The warm-up cond is one conditional in both; the discrete path adds a switch per
   # node slot.
   assert counts['batch'] > counts['example'] >= 1, counts
@@ -201,3 +202,37 @@ def test_a_latency_model_that_does_not_fit_the_space_is_named(tmp_path):
   config = tiny_config(latency_target_ms=5.0, latency_model=path)
   with pytest.raises(search.ConfigError, match=r'config\.unas\.latency_model .*latency\.json'):
     search.validate_config(config)
+
+
+def test_proxyless_space_with_a_measured_latency_model(tmp_path, idx_dir):
+  """The ProxylessNAS space through the loop: one architecture per batch, a latency
+  surrogate measured at the start and used by the latency term, the final
+  architecture's latency measured and predicted."""
+  c = unas.METHOD.apply_variant(unas.get_config('proxyless'), 'smoke', 'unas')
+  c.model.channels = (4, 4, 4, 8, 8, 8, 8, 8, 16)
+  c.model.depths = (2, 1, 1, 1, 1, 1)
+  c.model.primitives = ('mb3_e3', 'mb5_e3', 'zero')
+  c.data.name, c.data.source, c.data.data_dir = 'fashion_mnist', 'idx', idx_dir
+  c.data.max_examples = None
+  c.optim.batch_size = 4
+  c.optim.epochs, c.optim.steps_per_epoch, c.optim.warmup_epochs = 2, 2, 1
+  c.eval_batch_size = c.eval_max_examples = 8
+  c.compilation_cache_dir = ''
+  c.unas.update(sampling='batch', latency_model='measure', latency_samples=12,
+                latency_images=4, latency_runs=3, latency_target_ms=1e-3,
+                latency_ramp_steps=1)
+  workdir = str(tmp_path / 'proxyless')
+  result = search.run_search(c, workdir)
+  surrogate = latency.load(os.path.join(workdir, unas.LATENCY_FILE), {'ops': (7, 3)})
+  assert surrogate.n_fit + surrogate.n_holdout == 12
+  assert result['latency_model_samples'] == 12
+  assert result['latency_ms'] > 0 and np.isfinite(result['latency_predicted_ms'])
+  # The channel-changing layers (1, 3, 4, 5, 6, 7 here) never pick 'zero'.
+  ops = result['genotype']
+  assert len(ops) == 7 and all(ops[n - 1] != 'zero' for n in (1, 3, 4, 5, 6, 7))
+  with open(os.path.join(workdir, unas.ARCHITECTURE_FILE)) as f:
+    assert json.load(f)['ops'] == list(ops)
+  # The latency term (target 1 us, full weight from the first arch step) was logged.
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    logged = [json.loads(line) for line in f]
+  assert any(np.isfinite(r.get('latency_ms', np.nan)) for r in logged)

@@ -105,6 +105,15 @@ class Method:
     its images count, and its ``val_loss`` must be finite."""
     return True
 
+  def prepare(self, config, workdir: str, model, state, batch, mesh):
+    """Work before compiling the step (e.g. measuring a latency model); returns the
+    config the run goes on with (the same one by default). ``batch`` is a train batch."""
+    return config
+
+  def finish(self, config, workdir: str, model, state, batch, architecture) -> dict:
+    """Extra result fields after the last step (e.g. the final architecture's latency)."""
+    return {}
+
   def make_eval_step(self, model, config):
     """``eval_step(state, batch)`` -> masked sums of loss, correct and count on held-out
     data (the reference's ``infer``)."""
@@ -119,11 +128,11 @@ class Method:
   def to_json(self, architecture) -> dict:
     raise NotImplementedError
 
-  def format(self, architecture) -> str:
+  def format(self, config, architecture) -> str:
     """One or two lines that show the architecture in the progress output."""
     return str(architecture)
 
-  def is_degenerate(self, architecture) -> bool:
+  def is_degenerate(self, config, architecture) -> bool:
     return False
 
   def write_outputs(self, workdir: str, config, architecture, arch: dict[str, np.ndarray],

@@ -225,10 +225,10 @@ class Bilevel(base.Method):
   def to_json(self, architecture):
     return genotypes.to_json(architecture)
 
-  def format(self, architecture):
+  def format(self, config, architecture):
     return genotypes.format_genotype(architecture)
 
-  def is_degenerate(self, architecture):
+  def is_degenerate(self, config, architecture):
     return genotypes.is_degenerate(architecture)
 
   def write_outputs(self, workdir, config, architecture, arch, **result):
