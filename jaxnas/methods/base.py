@@ -21,6 +21,7 @@ from jaxnas import base_config
 from jaxnas import common
 from jaxnas import parallel
 from jaxnas import summary as summary_lib
+from jaxnas.ops import depthwise
 
 # A phase: (state, train_batch, val_batch) -> (state, metrics). The loop compiles each
 # phase as a program of its own and runs them in order: one search step.
@@ -210,3 +211,9 @@ def positive_fields(config, fail, *fields: str) -> None:
       value = value[part]
     if int(value) <= 0:
       fail(field, f'must be a positive integer, got {value}.')
+
+
+def check_depthwise_impl(m, fail) -> None:
+  """``fail`` unless ``m.depthwise_impl`` (``config.model``) names a depthwise form."""
+  if m.depthwise_impl not in depthwise.IMPLS:
+    fail('model.depthwise_impl', f'is {m.depthwise_impl!r}; choose one of {depthwise.IMPLS}.')

@@ -23,7 +23,6 @@ from jaxnas import partial_channels
 from jaxnas import spaces
 from jaxnas import visualize
 from jaxnas.methods import base
-from jaxnas.ops import depthwise
 from jaxnas.spaces import darts as darts_space
 
 
@@ -134,19 +133,14 @@ class Bilevel(base.Method):
     m, o = config.model, config.optim
     if config.space != 'darts':
       fail('space', f"is {config.space!r}; {self.name} searches the 'darts' space.")
-    base.positive_fields(config, fail, 'model.C', 'model.layers', 'model.k', 'model.steps')
+    check_cell_stack(m, fail)
+    base.positive_fields(config, fail, 'model.k')
     if m.C % m.k:
       fail('model.k', f'= {m.k} must divide the channel count model.C = {m.C}.')
-    if m.C % 2:
-      fail('model.C', f'= {m.C} must be even (FactorizedReduce halves it).')
     if m.channel_sampling not in partial_channels.SAMPLING_MODES:
       fail('model.channel_sampling',
            f'is {m.channel_sampling!r}; choose one of {partial_channels.SAMPLING_MODES}.')
-    if m.stem not in ('cifar', 'imagenet'):
-      fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
-    if m.depthwise_impl not in depthwise.IMPLS:
-      fail('model.depthwise_impl',
-           f'is {m.depthwise_impl!r}; choose one of {depthwise.IMPLS}.')
+    base.check_depthwise_impl(m, fail)
     unknown = [p for p in m.primitives if p not in genotypes.PRIMITIVES]
     if unknown or not [p for p in m.primitives if p != 'none']:
       fail('model.primitives', f'must be ops of {genotypes.PRIMITIVES} (not only none), '
@@ -272,6 +266,16 @@ def make_phase_steps(model, weight_tx, arch_tx, config, steps_per_epoch):
                    'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
 
   return arch_step, weight_step
+
+
+def check_cell_stack(m, fail) -> None:
+  """The fields of a stack of DARTS-style cells (``config.model``): C, layers and steps
+  positive, C even, a known stem; ``fail(field, message)`` for the first bad one."""
+  base.positive_fields(m, lambda f, msg: fail(f'model.{f}', msg), 'C', 'layers', 'steps')
+  if m.C % 2:
+    fail('model.C', f'= {m.C} must be even (FactorizedReduce halves it).')
+  if m.stem not in ('cifar', 'imagenet'):
+    fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
 
 
 def arch_start_step(config, steps_per_epoch: int) -> int:

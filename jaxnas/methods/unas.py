@@ -61,7 +61,6 @@ from jaxnas import spaces
 from jaxnas import summary as summary_lib
 from jaxnas.methods import base
 from jaxnas.methods import darts as darts_method
-from jaxnas.ops import depthwise
 from jaxnas.spaces import darts_eval
 from jaxnas.spaces import proxyless
 from jaxnas.spaces import sampled_darts
@@ -225,13 +224,9 @@ class DartsCells:
         primitives=tuple(m.primitives), impl=m.depthwise_impl, bn_groups=bn_groups)
 
   def validate(self, m, fail):
-    base.positive_fields(m, lambda f, msg: fail(f'model.{f}', msg), 'C', 'layers', 'steps')
-    if m.C % 2:
-      fail('model.C', f'= {m.C} must be even (FactorizedReduce halves it).')
+    darts_method.check_cell_stack(m, fail)
     if not 1 <= m.multiplier <= m.steps:
       fail('model.multiplier', f'= {m.multiplier} must be in 1..model.steps = {m.steps}.')
-    if m.stem not in ('cifar', 'imagenet'):
-      fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
     return sampled_darts.UNAS_PRIMITIVES
 
   def penalty(self, weights):
@@ -329,9 +324,7 @@ class Unas(base.Method):
     if config.space not in SPACES:
       fail('space', f'is {config.space!r}; UNAS searches {SPACES}.')
     ops = SPACE_ADAPTERS[config.space].validate(m, fail)
-    if m.depthwise_impl not in depthwise.IMPLS:
-      fail('model.depthwise_impl',
-           f'is {m.depthwise_impl!r}; choose one of {depthwise.IMPLS}.')
+    base.check_depthwise_impl(m, fail)
     unknown = [p for p in m.primitives if p not in ops]
     if unknown or len(set(m.primitives)) != len(m.primitives) or len(m.primitives) < 2:
       fail('model.primitives', f'must be two or more distinct ops of {ops}, got '
