@@ -7,6 +7,8 @@ not exist (``--config.optim.lr=...`` instead of ``learning_rate``) fails at flag
 
 import ml_collections
 
+from jaxnas.spaces import proxyless
+
 
 def loop_config() -> ml_collections.ConfigDict:
   """The fields of the shared search loop (data, batches, logging, checkpoints,
@@ -83,15 +85,17 @@ def apply_variant(c: ml_collections.ConfigDict, arg, config_name: str, variants:
 # ----------------------------------------------------------------------------- training
 
 
-def train_config() -> ml_collections.ConfigDict:
-  """Training a genotype from scratch with the DARTS / PC-DARTS CIFAR-10 evaluation
-  settings; configs/eval_*.py change what differs."""
+def train_config(space: str = 'darts') -> ml_collections.ConfigDict:
+  """Training a found architecture from scratch, with the DARTS / PC-DARTS CIFAR-10
+  evaluation settings and the model fields of ``space`` (a name in
+  jaxnas.spaces.EVAL_SPACES); configs/eval_*.py change what differs."""
   c = ml_collections.ConfigDict()
   c.method = 'train'
-  c.space = 'darts'
-  # A published name (PC_DARTS_cifar, PC_DARTS_image, DARTS_V2), a genotype.json file or
-  # a search workdir (its genotype.json).
-  c.genotype = 'PC_DARTS_cifar'
+  c.space = space
+  # 'darts': a published name (PC_DARTS_cifar, PC_DARTS_image, DARTS_V2), a genotype.json
+  # file or a search workdir (its genotype.json). 'proxyless': PROXYLESS_GPU,
+  # UNAS_PROXYLESS, an architecture .json file or a UNAS search workdir.
+  c.genotype = 'PC_DARTS_cifar' if space == 'darts' else 'UNAS_PROXYLESS'
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
@@ -105,13 +109,20 @@ def train_config() -> ml_collections.ConfigDict:
   c.data.cutout = 16          # side of the cutout square; 0 switches it off
 
   c.model = ml_collections.ConfigDict()
-  c.model.C = 36
-  c.model.layers = 20
-  c.model.stem = 'cifar'      # 'cifar' | 'imagenet' (three stride-2 convs)
-  c.model.stem_multiplier = 3
-  c.model.auxiliary = True
-  c.model.auxiliary_weight = 0.4
-  c.model.drop_path = 0.3     # ramped linearly from 0 over the epochs
+  if space == 'proxyless':
+    c.model.channels = proxyless.CHANNELS  # stem, first block, 6 stages, last conv
+    c.model.width_multiplier = 1.0
+    c.model.depths = proxyless.DEPTHS      # layers per stage (as the search's)
+    c.model.strides = proxyless.STRIDES
+    c.model.dropout = 0.0                  # before the classifier
+  else:
+    c.model.C = 36
+    c.model.layers = 20
+    c.model.stem = 'cifar'      # 'cifar' | 'imagenet' (three stride-2 convs)
+    c.model.stem_multiplier = 3
+    c.model.auxiliary = True
+    c.model.auxiliary_weight = 0.4
+    c.model.drop_path = 0.3     # ramped linearly from 0 over the epochs
   c.model.depthwise_impl = 'auto'
 
   c.optim = ml_collections.ConfigDict()
@@ -122,7 +133,9 @@ def train_config() -> ml_collections.ConfigDict:
   c.optim.learning_rate_min = 0.0
   c.optim.warmup_epochs = 0
   c.optim.momentum = 0.9
+  c.optim.nesterov = False
   c.optim.weight_decay = 3e-4
+  c.optim.decay_batch_norm = True  # False: no weight decay on BN scale and bias
   c.optim.grad_clip = 5.0
   c.optim.label_smoothing = 0.0
   c.optim.steps_per_epoch = 0  # 0: a full pass over the training images
@@ -138,10 +151,14 @@ def train_config() -> ml_collections.ConfigDict:
 
 
 def train_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A few steps of a small network of a published cell, for checking a setup."""
-  c.genotype = 'PC_DARTS_cifar'
-  c.model.C = 8
-  c.model.layers = 5
+  """A few steps of a small network of a published architecture, for checking a setup."""
+  if c.space == 'proxyless':
+    c.genotype = 'UNAS_PROXYLESS'
+    c.model.width_multiplier = 0.25
+  else:
+    c.genotype = 'PC_DARTS_cifar'
+    c.model.C = 8
+    c.model.layers = 5
   return few_steps(c)
 
 

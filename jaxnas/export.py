@@ -1,8 +1,8 @@
 """Trained models on disk: save one, load it back as a function from images to logits.
 
 A model directory holds ``variables/`` (the params and BN statistics, an orbax
-checkpoint) and ``model.json`` (the genotype, the training config, the dataset's
-normalization and how the model scored). A training workdir keeps two: ``export/best``
+checkpoint) and ``model.json`` (the space and its architecture, the training config, the
+dataset's normalization and how the model scored). A training workdir keeps two: ``export/best``
 and ``export/last``.
 
   model = jaxnas.load_model('runs/eval_fmnist')   # export/best
@@ -21,8 +21,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxnas import genotypes
-from jaxnas.spaces import darts_eval
+from jaxnas import spaces
 
 MODEL_FILE = 'model.json'
 VARIABLES_DIR = 'variables'
@@ -34,7 +33,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def save_model(path: str, params, batch_stats, *, genotype, config, num_classes: int,
-               image_shape, mean, std, **info) -> str:
+               image_shape, mean, std, space: str = 'darts', **info) -> str:
   """Writes a model directory at ``path``, replacing an older one only once the new one
   is complete (so a crash mid-write never loses the previous best model)."""
   path = os.path.abspath(path)
@@ -46,7 +45,7 @@ def save_model(path: str, params, batch_stats, *, genotype, config, num_classes:
   checkpointer.save(os.path.join(tmp, VARIABLES_DIR),
                     {'params': params, 'batch_stats': batch_stats})
   checkpointer.wait_until_finished()
-  meta = {'genotype': genotypes.to_json(genotype),
+  meta = {'space': space, 'genotype': spaces.EVAL_SPACES[space].to_json(genotype),
           'config': json.loads(config.to_json_best_effort()),
           'num_classes': int(num_classes), 'image_shape': [int(d) for d in image_shape],
           'mean': [float(m) for m in np.ravel(mean)], 'std': [float(s) for s in np.ravel(std)],
@@ -64,16 +63,18 @@ def save_model(path: str, params, batch_stats, *, genotype, config, num_classes:
 class Model:
   """A trained evaluation network. ``model(images)`` returns logits [N, num_classes] for
   images [N, H, W, C] with pixel values 0..255 (uint8 or float), normalized here with the
-  training data's mean and std."""
-  module: darts_eval.EvalNetwork
+  training data's mean and std. ``genotype`` is the architecture of ``space`` (a DARTS
+  genotype, or a ProxylessNAS op per layer)."""
+  module: Any
   variables: Any
-  genotype: genotypes.Genotype
+  genotype: Any
   config: ml_collections.ConfigDict
   num_classes: int
   image_shape: tuple[int, ...]
   mean: np.ndarray
   std: np.ndarray
   info: dict
+  space: str = 'darts'
 
   def __post_init__(self):
     self._logits = jax.jit(
@@ -113,13 +114,17 @@ def load_model(path: str, which: str = 'best') -> Model:
   directory = model_dir(path, which)
   with open(os.path.join(directory, MODEL_FILE)) as f:
     meta = json.load(f)
-  genotype = genotypes.from_json(meta['genotype'], source=os.path.join(directory, MODEL_FILE))
   config = ml_collections.ConfigDict(meta['config'])
-  module = darts_eval.from_config(config.model, genotype, meta['num_classes'])
+  space = meta.get('space', 'darts')
+  adapter = spaces.EVAL_SPACES[space]
+  genotype = adapter.from_json(meta['genotype'], os.path.join(directory, MODEL_FILE),
+                               config.model)
+  module = adapter.build(config.model, genotype, meta['num_classes'])
   variables = ocp.StandardCheckpointer().restore(
       os.path.abspath(os.path.join(directory, VARIABLES_DIR)))
   info = {k: v for k, v in meta.items()
-          if k not in ('genotype', 'config', 'num_classes', 'image_shape', 'mean', 'std')}
+          if k not in ('space', 'genotype', 'config', 'num_classes', 'image_shape', 'mean',
+                       'std')}
   return Model(module, variables, genotype, config, meta['num_classes'],
                tuple(meta['image_shape']), np.asarray(meta['mean'], np.float32),
-               np.asarray(meta['std'], np.float32), info)
+               np.asarray(meta['std'], np.float32), info, space)

@@ -38,7 +38,7 @@ def dry_run(config, workdir: str) -> dict:
   """The model summary of ``config``, printed and written to ``workdir/summary.json``."""
   if config.method == 'train':
     summary = train.model_summary(config, train.validate_config(config))
-    text = summary_lib.format_summary(summary)
+    text = train.format_summary(summary)
   else:
     search.validate_config(config)
     method = search.method_of(config)

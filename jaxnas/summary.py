@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from jaxnas import data as data_lib
 from jaxnas import flops
-from jaxnas import genotypes
 from jaxnas.spaces import darts_eval
 
 SUMMARY_FILE = 'summary.json'
@@ -59,12 +58,6 @@ def supernet_summary(config, build_model) -> dict:
 
 def format_summary(s: dict) -> str:
   size = 'x'.join(map(str, s['input_shape']))
-  if 'genotype' in s:
-    return (f'Evaluation network of {s["genotype_source"]} on {s["dataset"]} {size}: '
-            f'C={s["C"]}, {s["layers"]} cells, {s["params"] / 1e6:.3f}M params '
-            f'({s["params_with_auxiliary"] / 1e6:.3f}M with the auxiliary head), '
-            f'{s["multiply_adds"] / 1e6:.1f}M multiply-adds per image\n   '
-            f'{genotypes.format_genotype(genotypes.from_json(s["genotype"]))}')
   return (f'{s["method"]} supernet on {s["dataset"]} {size}: C={s["C"]}, {s["layers"]} cells, '
           f'K={s["k"]}, {len(s["primitives"])} candidate ops, {s["params"] / 1e6:.3f}M weights, '
           f'{s["arch_params"]} arch params, {s["multiply_adds"] / 1e6:.1f}M multiply-adds '

@@ -1,8 +1,10 @@
-"""Training a found cell from scratch: the evaluation stage of DARTS and PC-DARTS.
+"""Training a found architecture from scratch: the evaluation stage of every method.
 
-The network is the genotype's cell stacked L times (``spaces/darts_eval.py``), trained
-on the whole train split with SGD, an auxiliary head, drop path and cutout, and
-evaluated on the test split (top-1 / top-5) after every epoch. The workdir keeps the
+``config.space`` picks the evaluation network (``jaxnas.spaces.EVAL_SPACES``): 'darts',
+the genotype's cell stacked L times (``spaces/darts_eval.py``; DARTS, PC-DARTS, UNAS's
+cell space) with an auxiliary head and drop path, or 'proxyless', one MBConv per layer
+(``spaces/proxyless.py``; UNAS's ProxylessNAS space). It is trained on the whole train
+split with SGD and evaluated on the test split (top-1 / top-5) after every epoch. The workdir keeps the
 last checkpoints of the whole state (to resume) and two exported models, ``export/best``
 (highest test top-1, the reference's "best") and ``export/last``, which
 ``jaxnas.load_model`` turns into a function from images to logits.
@@ -28,13 +30,12 @@ from jaxnas import common
 from jaxnas import data as data_lib
 from jaxnas import export
 from jaxnas import flops
-from jaxnas import genotypes
 from jaxnas import host_memory
 from jaxnas import metrics as metrics_lib
 from jaxnas import parallel
 from jaxnas import summary as summary_lib
+from jaxnas import spaces
 from jaxnas.ops import depthwise
-from jaxnas.spaces import darts_eval
 
 ConfigError = common.ConfigError
 NonFiniteLossError = common.NonFiniteLossError
@@ -52,16 +53,25 @@ class TrainState(flax.struct.PyTreeNode):
 # ----------------------------------------------------------------------------- config
 
 
-def validate_config(config: ml_collections.ConfigDict) -> genotypes.Genotype:
-  """Raises ConfigError naming the field (GenotypeError for a bad genotype) before any
-  data is read or code compiled; returns the genotype to train."""
+def eval_space(config):
+  """The adapter of ``config.space`` (``jaxnas.spaces.EVAL_SPACES``)."""
+  if config.space not in spaces.EVAL_SPACES:
+    raise ConfigError(f'config.space is {config.space!r}; the evaluation networks exist for '
+                      f'{tuple(spaces.EVAL_SPACES)}.')
+  return spaces.EVAL_SPACES[config.space]
+
+
+def validate_config(config: ml_collections.ConfigDict):
+  """Raises ConfigError naming the field (GenotypeError for a bad genotype or
+  architecture) before any data is read or code compiled; returns the architecture to
+  train (a DARTS genotype, or a ProxylessNAS op per layer)."""
 
   def fail(field, msg):
     raise ConfigError(f'config.{field} {msg}')
 
   m, o = config.model, config.optim
+  space = eval_space(config)
   for field, value in (('optim.epochs', o.epochs), ('optim.batch_size', o.batch_size),
-                       ('model.C', m.C), ('model.layers', m.layers),
                        ('eval_batch_size', config.eval_batch_size),
                        ('log_every_steps', config.log_every_steps),
                        ('checkpoint_every_steps', config.checkpoint_every_steps)):
@@ -69,20 +79,12 @@ def validate_config(config: ml_collections.ConfigDict) -> genotypes.Genotype:
       fail(field, f'must be a positive integer, got {value}.')
   if config.data.name not in data_lib.DATASETS:
     fail('data.name', f'is {config.data.name!r}; choose one of {tuple(data_lib.DATASETS)}.')
-  if config.space != 'darts':
-    fail('space', f"is {config.space!r}; the evaluation networks exist for 'darts'.")
-  if m.C % 2:
-    fail('model.C', f'= {m.C} must be even (FactorizedReduce halves it).')
-  if m.layers < 3:
-    fail('model.layers', f'= {m.layers} must be at least 3 (two reduction cells + one).')
-  if m.stem not in ('cifar', 'imagenet'):
-    fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
+  for field in ('C', 'layers'):
+    if field in m and int(m[field]) <= 0:
+      fail(f'model.{field}', f'must be a positive integer, got {m[field]}.')
   if m.depthwise_impl not in depthwise.IMPLS:
     fail('model.depthwise_impl', f'is {m.depthwise_impl!r}; choose one of {depthwise.IMPLS}.')
-  if not 0 <= m.drop_path < 1:
-    fail('model.drop_path', f'must be in [0, 1), got {m.drop_path}.')
-  if m.auxiliary_weight < 0:
-    fail('model.auxiliary_weight', f'must be >= 0, got {m.auxiliary_weight}.')
+  space.validate(m, summary_lib.input_spec(config)[0], fail)
   if o.schedule not in SCHEDULES:
     fail('optim.schedule', f'is {o.schedule!r}; choose one of {SCHEDULES}.')
   if o.learning_rate <= 0 or o.learning_rate_min < 0:
@@ -93,57 +95,60 @@ def validate_config(config: ml_collections.ConfigDict) -> genotypes.Genotype:
     fail('optim.label_smoothing', f'must be in [0, 1), got {o.label_smoothing}.')
   if config.data.cutout < 0:
     fail('data.cutout', f'must be >= 0 (0: off), got {config.data.cutout}.')
-  if m.auxiliary:
-    size = auxiliary_input_size(config)
-    if size < 5:
-      fail('model.auxiliary', f'needs maps of at least 5x5 after cell {2 * m.layers // 3}, '
-           f'but these images give {size}x{size}; use larger images or set it to False.')
   parallel.check_config(config, fail, batch_norm_modes=('sync',))  # per-device BN: search
   if not isinstance(config.genotype, str) or not config.genotype:
-    fail('genotype', 'must name a published genotype '
-         f'({", ".join(genotypes.PUBLISHED)}), a genotype.json file or a search workdir.')
-  return genotypes.load(config.genotype)
+    fail('genotype', f'must name {space.sources}.')
+  return space.load(config.genotype, m)
 
 
 # ----------------------------------------------------------------------------- model
 
 
-def auxiliary_input_size(config) -> int:
-  """Side of the maps the auxiliary head reads: after the stem (stride 1 or 8) and the two
-  reduction cells (ceil halving)."""
-  (h, _, _), _ = summary_lib.input_spec(config)
-  if config.model.stem == 'imagenet':
-    for _ in range(3):
-      h = -(-h // 2)
-  for _ in range(2):
-    h = -(-h // 2)
-  return h
-
-
 def build_model(config, genotype, num_classes: int, impl: str | None = None):
-  return darts_eval.from_config(config.model, genotype, num_classes, impl)
+  """The evaluation network of ``genotype`` (the architecture) in ``config.space``."""
+  return eval_space(config).build(config.model, genotype, num_classes, impl)
+
+
+def _rngs(key):
+  """The random streams of a training step: drop path (DARTS cells) and dropout."""
+  return {'drop_path': key, 'dropout': key}
 
 
 def model_summary(config, genotype) -> dict:
   """Parameter counts (auxiliary head excluded and included) and multiply-adds of one
   image, from the config alone: shapes are traced, nothing is run or compiled."""
+  space = eval_space(config)
   shape, num_classes = summary_lib.input_spec(config)
   x = jnp.zeros((1,) + shape, jnp.float32)
   # The XLA depthwise conv shows up as a convolution in the trace, which is counted.
   model = build_model(config, genotype, num_classes, impl='xla')
   variables = jax.eval_shape(
-      lambda: model.init({'params': jax.random.key(0), 'drop_path': jax.random.key(0)}, x,
+      lambda: model.init({'params': jax.random.key(0), **_rngs(jax.random.key(0))}, x,
                          train=True))
-  macs = flops.count_macs(lambda v, x: model.apply(v, x, train=False), variables, x)
+  macs = flops.count_macs(lambda v, x: model.apply(v, x, train=False)[0], variables, x)
+  m = config.model
+  network = (f'C={m.C}, {m.layers} cells' if space.name == 'darts' else
+             f'width x{m.width_multiplier:g}, {sum(m.depths)} layers')
   return {
-      'method': config.method, 'genotype_source': config.genotype,
-      'genotype': genotypes.to_json(genotype), 'dataset': config.data.name,
+      'method': config.method, 'space': space.name, 'genotype_source': config.genotype,
+      'genotype': space.to_json(genotype), 'architecture': space.format(m, genotype),
+      'network': network, 'dataset': config.data.name,
       'input_shape': list(shape), 'num_classes': num_classes,
-      'C': config.model.C, 'layers': config.model.layers,
-      'params': darts_eval.count_params(variables['params']),
-      'params_with_auxiliary': darts_eval.count_params(variables['params'], exclude=None),
+      **({'C': m.C, 'layers': m.layers} if space.name == 'darts' else {}),
+      **space.count_params(variables['params']),
       'multiply_adds': macs,
   }
+
+
+def format_summary(s: dict) -> str:
+  """Two lines: the evaluation network's size and cost, and its architecture."""
+  size = 'x'.join(map(str, s['input_shape']))
+  aux = ''
+  if s['params_with_auxiliary'] != s['params']:
+    aux = f' ({s["params_with_auxiliary"] / 1e6:.3f}M with the auxiliary head)'
+  return (f'Evaluation network of {s["genotype_source"]} on {s["dataset"]} {size}: '
+          f'{s["network"]}, {s["params"] / 1e6:.3f}M params{aux}, '
+          f'{s["multiply_adds"] / 1e6:.1f}M multiply-adds per image\n   {s["architecture"]}')
 
 
 def lr_schedule(config, steps_per_epoch: int):
@@ -173,14 +178,25 @@ def lr_schedule(config, steps_per_epoch: int):
   return schedule
 
 
+def batch_norm_mask(params):
+  """False for a BatchNorm's scale and bias (the arrays of a dict that holds 'scale'),
+  True for every other weight."""
+  is_bn = 'scale' in params
+  return {k: batch_norm_mask(v) if hasattr(v, 'items') else not is_bn
+          for k, v in params.items()}
+
+
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with momentum; clipping, then coupled weight decay, as torch.optim.SGD after
-  clip_grad_norm_."""
+  """SGD with (Nesterov) momentum; clipping, then coupled weight decay (on every weight,
+  or, with ``optim.decay_batch_norm`` False, on all but the BatchNorms' scale and bias, as
+  ProxylessNAS's 'bn' no-decay keys), as torch.optim.SGD after clip_grad_norm_."""
   o = config.optim
+  mask = None if o.get('decay_batch_norm', True) else batch_norm_mask
   return optax.chain(
       optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
-      optax.add_decayed_weights(o.weight_decay),
-      optax.sgd(lr_schedule(config, steps_per_epoch), momentum=o.momentum))
+      optax.add_decayed_weights(o.weight_decay, mask=mask),
+      optax.sgd(lr_schedule(config, steps_per_epoch), momentum=o.momentum,
+                nesterov=o.get('nesterov', False)))
 
 
 def create_state(model, input_shape, tx, seed: int,
@@ -190,8 +206,7 @@ def create_state(model, input_shape, tx, seed: int,
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
 
   def init(rbg_key):
-    variables = model.init({'params': rbg_key, 'drop_path': rbg_key}, x, train=True,
-                           drop_rate=0.0)
+    variables = model.init({'params': rbg_key, **_rngs(rbg_key)}, x, train=True)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
@@ -213,18 +228,22 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
 
 def make_train_step(model, tx, config, steps_per_epoch: int):
   m, o = config.model, config.optim
+  space = eval_space(config)
   schedule = lr_schedule(config, steps_per_epoch)
 
   def step(state: TrainState, batch):
     key = jax.random.fold_in(state.key, state.step)
     epoch = state.step // steps_per_epoch
     # DARTS ramps the drop-path rate linearly: rate * epoch / epochs.
-    drop_rate = m.drop_path * epoch / o.epochs if m.drop_path > 0 else None
+    drop_rate = None
+    if m.get('drop_path', 0.0) > 0:
+      drop_rate = m.drop_path * epoch / o.epochs
+    drop_kwargs = {'drop_rate': drop_rate} if space.drop_path else {}
 
     def loss_fn(params):
       (logits, aux_logits), updates = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
-          drop_rate=drop_rate, rngs={'drop_path': key}, mutable=['batch_stats'])
+          rngs=_rngs(key), mutable=['batch_stats'], **drop_kwargs)
       loss = cross_entropy(logits, batch['label'], o.label_smoothing)
       total = loss
       if aux_logits is not None:
@@ -309,7 +328,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   t_start = time.perf_counter()
   summary = model_summary(config, genotype)
   summary_lib.write_summary(workdir, {'model': summary})
-  print(summary_lib.format_summary(summary), flush=True)
+  print(format_summary(summary), flush=True)
 
   # --- data: each process reads its rows of every global batch; the mesh splits them.
   mesh = parallel.make_mesh(config.parallel.num_devices)
@@ -345,7 +364,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   ckpt_lib.write_config(workdir, config)
   best_top1 = _read_best(workdir) if resumed else -1.0
   save_model = functools.partial(
-      export.save_model, genotype=genotype, config=config,
+      export.save_model, genotype=genotype, space=config.space, config=config,
       num_classes=train_set.num_classes, image_shape=train_set.image_shape,
       mean=train_set.mean, std=train_set.std)
 

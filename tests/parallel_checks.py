@@ -217,6 +217,28 @@ def check_search(idx_dir, workdir) -> dict:
       records = [json.loads(line) for line in f]
     # Each run writes a 'compile' record at its first step: 0, then 3 for the resumed one.
     out[f'{name}_start_steps'] = [r['step'] for r in records if r['kind'] == 'compile']
+  out.update(check_unas_search(idx_dir, workdir))
+  return out
+
+
+def check_unas_search(idx_dir, workdir) -> dict:
+  """UNAS's whole search (a warm-up epoch, then arch + weight steps, one architecture
+  per example, REBAR, gen-gap) through the shared loop on 8 devices and on 1."""
+  from test_unas import loop_config as unas_loop_config  # pylint: disable=g-import-not-at-top
+  out, arch = {}, {}
+  for n in (8, 1):
+    config = unas_loop_config(idx_dir, os.path.join(workdir, 'xla_cache'))
+    config.data.train_portion = 0.75  # 48 / 16 of the 64 examples: full batches of 8
+    config.optim.batch_size = 8
+    config.eval_batch_size, config.eval_max_examples = 5, 12
+    config.parallel.num_devices = n
+    result = search.run_search(config, os.path.join(workdir, f'unas_{n}'))
+    arch[n] = dict(np.load(os.path.join(workdir, f'unas_{n}', 'arch.npz')))
+    out[f'unas_{n}_genotype'] = genotypes.to_json(result['genotype'])
+    out[f'unas_{n}_steps'] = result['steps']
+    out[f'unas_{n}_arch_split_loss'] = result['arch_split_loss']
+  out['unas_arch_diff'] = max_diff(arch[8], arch[1])
+  out['unas_arch_moved'] = max_diff(arch[8], jax.tree.map(np.zeros_like, arch[8]))
   return out
 
 

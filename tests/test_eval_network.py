@@ -1,5 +1,6 @@
 """Evaluation networks: shapes, auxiliary head, drop path, cutout, parameter counts,
-multiply-adds, random genotypes and malformed genotypes."""
+multiply-adds, random genotypes and malformed genotypes; the ProxylessNAS space's network
+and its training options."""
 
 import json
 
@@ -11,12 +12,14 @@ import pytest
 
 from configs import eval_cifar
 from configs import eval_imagenet
+from configs import eval_proxyless_imagenet
 from jaxnas import data
 from jaxnas import flops
 from jaxnas import genotypes
 from jaxnas import train
 from jaxnas.ops import primitives as ops
 from jaxnas.spaces import darts_eval
+from jaxnas.spaces import proxyless
 
 RNGS = {'params': jax.random.key(0), 'drop_path': jax.random.key(1)}
 
@@ -226,3 +229,74 @@ def test_eval_primitives_have_affine_bn_and_no_pool_bn():
   sep = jax.eval_shape(lambda: ops.make_op('sep_conv_3x3', 4, 1, affine=True).init(
       jax.random.key(0), x, True))
   assert 'scale' in sep['params']['BatchNorm_0']
+
+
+# ------------------------------------------------------------------ ProxylessNAS space
+
+
+@pytest.mark.parametrize('name,params,macs', [
+    # ProxylessNAS (GPU): the paper's 465M multiply-adds; UNAS's architecture in this space.
+    ('PROXYLESS_GPU', 7.120e6, 465.3e6), ('UNAS_PROXYLESS', 5.966e6, 428.0e6)])
+def test_proxyless_published_architecture_sizes(name, params, macs):
+  config = eval_proxyless_imagenet.get_config()
+  config.genotype = name
+  summary = train.model_summary(config, train.validate_config(config))
+  assert summary['space'] == 'proxyless' and summary['genotype'] == {
+      'ops': list(proxyless.PUBLISHED[name])}
+  assert abs(summary['params'] - params) / params < 1e-3
+  assert abs(summary['multiply_adds'] - macs) / macs < 1e-3
+  assert summary['params_with_auxiliary'] == summary['params']  # no auxiliary head
+  assert 'mb' in train.format_summary(summary)
+
+
+def test_weight_decay_can_leave_batch_norm_out_and_momentum_can_be_nesterov():
+  config = eval_proxyless_imagenet.get_config('smoke')
+  arch = train.validate_config(config)
+  model = train.build_model(config, arch, 10)
+  params = jax.eval_shape(lambda: model.init(RNGS, jnp.zeros((1, 16, 16, 3)), train=False)
+                          )['params']
+  mask = train.batch_norm_mask(params)
+  flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): m
+          for path, m in jax.tree_util.tree_leaves_with_path(mask)}
+  assert all(not m for k, m in flat.items() if '_bn/' in k) and any('_bn/' in k for k in flat)
+  assert flat['classifier/bias'] and flat['classifier/kernel'] and flat['stem_conv/kernel']
+  # With zero gradients, one step shrinks the weights that decay and no others.
+  params = jax.tree.map(lambda s: jnp.ones(s.shape), params)
+  tx = train.make_optimizer(config, steps_per_epoch=1)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  for k, u in zip(flat, jax.tree.leaves(updates)):
+    assert bool(jnp.all(u < 0)) == flat[k], k
+  # Nesterov: the first update of a constant gradient g is -lr * (1 + momentum) * g.
+  config.optim.update(weight_decay=0.0, grad_clip=0.0)
+  tx = train.make_optimizer(config, steps_per_epoch=1)
+  g = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(g, tx.init(params), params)
+  lr = config.optim.learning_rate
+  np.testing.assert_allclose(updates['classifier']['bias'], -lr * 1.9, rtol=1e-6)
+
+
+@pytest.mark.parametrize('edit,field,message', [
+    (lambda c: c.__setitem__('space', 'fbnet'), None, r"config\.space is 'fbnet'"),
+    (lambda c: c.model.__setitem__('dropout', 1.0), None, r'config\.model\.dropout must be'),
+    (lambda c: c.model.__setitem__('depths', (4, 4)), None, r'config\.model\.channels'),
+    (lambda c: c.__setitem__('genotype', 'PROXYLESS_CPU'), 'genotype',
+     r'no such architecture file; name a published architecture \(PROXYLESS_GPU'),
+])
+def test_bad_proxyless_training_config_is_named(edit, field, message):
+  config = eval_proxyless_imagenet.get_config()
+  edit(config)
+  error = genotypes.GenotypeError if field else train.ConfigError
+  with pytest.raises(error, match=message):
+    train.validate_config(config)
+
+
+def test_an_architecture_of_another_skeleton_is_named_with_its_file(tmp_path):
+  path = tmp_path / 'architecture.json'
+  path.write_text(json.dumps({'ops': ['mb3_e3'] * 7}))
+  config = eval_proxyless_imagenet.get_config()
+  config.genotype = str(tmp_path)  # a search workdir: its architecture.json
+  with pytest.raises(genotypes.GenotypeError, match=r'architecture\.json: An architecture '
+                     r'names one op per layer: 21 for depths \(4, 4, 4, 4, 4, 1\); got 7'):
+    train.validate_config(config)
+  config.model.depths = (2, 1, 1, 1, 1, 1)
+  assert train.validate_config(config) == ('mb3_e3',) * 7

@@ -288,6 +288,16 @@ def test_sharded_search_finds_the_unsharded_genotype(search_checks):
                              rtol=1e-5)
 
 
+def test_sharded_unas_search_finds_the_unsharded_architecture(search_checks):
+  r = search_checks
+  assert r['unas_8_steps'] == r['unas_1_steps'] == 6
+  assert r['unas_8_genotype'] == r['unas_1_genotype']
+  assert r['unas_arch_moved'] > 1e-3
+  assert r['unas_arch_diff'] < 1e-4  # float noise, magnified by Adam as above
+  np.testing.assert_allclose(r['unas_8_arch_split_loss'], r['unas_1_arch_split_loss'],
+                             rtol=1e-5)
+
+
 def test_checkpoint_written_on_8_devices_restores_on_1_and_4(search_checks):
   r = search_checks
   assert r['checkpoints_before_resume'] == [2, 3]

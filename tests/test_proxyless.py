@@ -397,7 +397,8 @@ def test_eval_network_equals_the_discrete_path_with_its_variables(variables):
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), X, train=False))
   assert jax.tree_util.tree_map(lambda a: a.shape, shapes) == jax.tree_util.tree_map(
       lambda a: a.shape, eval_vars)
-  out = jax.jit(lambda v: model.apply(v, X, train=False))(eval_vars)
+  out, aux = jax.jit(lambda v: model.apply(v, X, train=False))(eval_vars)
+  assert aux is None
   expected = _compiled('discrete', False)(variables, X, _one_hot(ARCH), DROPOUT_KEY)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 

@@ -222,7 +222,8 @@ def test_drop_path_rate_is_traced_so_one_program_serves_all_epochs(idx_dir, geno
   assert jitted._cache_size() == 1
 
 
-@pytest.mark.parametrize('name', ['eval_cifar', 'eval_imagenet', 'eval_fashion_mnist'])
+@pytest.mark.parametrize('name', ['eval_cifar', 'eval_imagenet', 'eval_fashion_mnist',
+                                  'eval_proxyless_imagenet'])
 def test_every_eval_config_and_its_smoke_variant_builds(name):
   import importlib  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f'configs.{name}')

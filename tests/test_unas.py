@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxnas import base_config
+from jaxnas import export
 from jaxnas import latency
 from jaxnas import search
+from jaxnas import train
 from jaxnas.methods import unas
 from jaxnas.spaces import sampled_darts
 from test_data import write_fashion_mnist
@@ -236,3 +239,22 @@ def test_proxyless_space_with_a_measured_latency_model(tmp_path, idx_dir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     logged = [json.loads(line) for line in f]
   assert any(np.isfinite(r.get('latency_ms', np.nan)) for r in logged)
+
+  # The evaluation stage trains the found architecture from the search's workdir, and
+  # the exported model gives the logits of that architecture.
+  t = base_config.train_smoke(base_config.train_config('proxyless'))
+  t.genotype = workdir
+  t.model.update(channels=c.model.channels, depths=c.model.depths, width_multiplier=1.0,
+                 dropout=0.2)
+  t.data.update(name='fashion_mnist', source='idx', data_dir=idx_dir, max_examples=None,
+                cutout=0)
+  t.optim.update(batch_size=4, epochs=1, steps_per_epoch=2, nesterov=True,
+                 decay_batch_norm=False)
+  t.eval_batch_size, t.eval_max_examples, t.compilation_cache_dir = 8, 8, ''
+  trained = train.run_train(t, str(tmp_path / 'eval'))
+  assert trained['model']['genotype'] == {'ops': list(ops)}
+  assert trained['model']['space'] == 'proxyless' and trained['test_examples'] == 8
+  model = export.load_model(str(tmp_path / 'eval'))
+  assert model.space == 'proxyless' and model.genotype == tuple(ops)
+  images = np.zeros((2, 28, 28, 1), np.uint8)
+  assert model(images).shape == (2, 10) and np.all(np.isfinite(model(images)))

@@ -68,7 +68,7 @@ from jaxnas.spaces import sampled_darts
 SAMPLINGS = ('example', 'batch')
 OBJECTIVES = ('ce', 'gen_gap')
 SPACES = ('unas_darts', 'proxyless')
-ARCHITECTURE_FILE = 'architecture.json'
+ARCHITECTURE_FILE = proxyless.ARCHITECTURE_FILE  # what the proxyless trainer reads
 LATENCY_FILE = 'latency_model.json'
 
 

@@ -158,3 +158,65 @@ def from_config(model_config, genotype, num_classes: int, impl: str | None = Non
   return EvalNetwork(freeze(genotype), num_classes, C=m.C, layers=m.layers,
                      auxiliary=m.auxiliary, stem=m.stem, stem_multiplier=m.stem_multiplier,
                      impl=impl or m.depthwise_impl)
+
+
+def auxiliary_input_size(image_shape, stem: str) -> int:
+  """Side of the maps the auxiliary head reads: after the stem (stride 1, or 8 for the
+  ImageNet stem) and the two reduction cells (ceil halving)."""
+  h = image_shape[0]
+  for _ in range(5 if stem == 'imagenet' else 2):
+    h = -(-h // 2)
+  return h
+
+
+class EvalSpace:
+  """Training a genotype from scratch (``jaxnas.train``): the adapter
+  ``jaxnas.spaces.EVAL_SPACES['darts']``. Model fields: ``C``, ``layers``, ``stem``,
+  ``stem_multiplier``, ``auxiliary``, ``auxiliary_weight``, ``drop_path``,
+  ``depthwise_impl``."""
+  name = 'darts'
+  drop_path = True  # the network takes a (traced) drop_rate
+  sources = (f'a published genotype ({", ".join(genotypes.PUBLISHED)}), a genotype.json '
+             'file or a search workdir')
+
+  def validate(self, m, image_shape, fail):
+    if m.C % 2:
+      fail('model.C', f'= {m.C} must be even (FactorizedReduce halves it).')
+    if m.layers < 3:
+      fail('model.layers', f'= {m.layers} must be at least 3 (two reduction cells + one).')
+    if m.stem not in ('cifar', 'imagenet'):
+      fail('model.stem', f"is {m.stem!r}; choose 'cifar' or 'imagenet'.")
+    if not 0 <= m.drop_path < 1:
+      fail('model.drop_path', f'must be in [0, 1), got {m.drop_path}.')
+    if m.auxiliary_weight < 0:
+      fail('model.auxiliary_weight', f'must be >= 0, got {m.auxiliary_weight}.')
+    if m.auxiliary:
+      size = auxiliary_input_size(image_shape, m.stem)
+      if size < 5:
+        fail('model.auxiliary', f'needs maps of at least 5x5 after cell {2 * m.layers // 3}, '
+             f'but these images give {size}x{size}; use larger images or set it to False.')
+
+  def load(self, spec, m):
+    del m
+    return genotypes.load(spec)
+
+  def from_json(self, d, source, m):
+    del m
+    return genotypes.from_json(d, source=source)
+
+  def build(self, m, genotype, num_classes, impl=None):
+    return from_config(m, genotype, num_classes, impl)
+
+  def to_json(self, genotype):
+    return genotypes.to_json(genotype)
+
+  def format(self, m, genotype):
+    del m
+    return genotypes.format_genotype(genotype)
+
+  def count_params(self, params):
+    return {'params': count_params(params),
+            'params_with_auxiliary': count_params(params, exclude=None)}
+
+
+EVAL_SPACE = EvalSpace()

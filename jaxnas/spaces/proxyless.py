@@ -76,6 +76,7 @@ the reference's architecture found by UNAS.
 
 import functools
 import json
+import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -85,6 +86,7 @@ import numpy as np
 from jax import lax
 
 from jaxnas import flops
+from jaxnas import genotypes
 from jaxnas.ops import depthwise as depthwise_lib
 from jaxnas.ops import primitives as ops
 from jaxnas.spaces import darts
@@ -563,12 +565,15 @@ def _stem(x, train, channels, impl, bn_groups):
   return MBConv(channels[1], 3, 1, 1, impl, bn_groups, name='first_block')(x, train)
 
 
-def _head(x, train, channels, num_classes, bn_groups):
-  """1x1 conv + BN + ReLU6, global average pool, linear classifier; inside the caller."""
+def _head(x, train, channels, num_classes, bn_groups, dropout=0.0):
+  """1x1 conv + BN + ReLU6, global average pool, (dropout,) linear classifier; inside
+  the caller."""
   x = ops.Conv1x1(channels[-1], name='feature_mix_conv')(x)
   x = _relu6(ops.BatchNorm(train, affine=True, epsilon=BN_EPSILON, batch_groups=bn_groups,
                            name='feature_mix_bn')(x))
   x = jnp.mean(x, axis=(1, 2))
+  if dropout:
+    x = nn.Dropout(dropout, deterministic=False)(x)
   return nn.Dense(num_classes, kernel_init=ops.torch_init,
                   bias_init=darts.torch_bias_init(x.shape[-1]), name='classifier')(x)
 
@@ -661,7 +666,12 @@ class ProxylessNetwork(nn.Module):
 class ProxylessEvalNetwork(nn.Module):
   """A derived architecture (one op name per layer) alone, trained from scratch: the
   supernet's skeleton with one MBConv per non-'zero' layer (named ``layer_{n}``,
-  1-based) and the 'zero' layers removed. ``apply(variables, x, train=...)``."""
+  1-based) and the 'zero' layers removed.
+
+  ``apply(variables, x, train=...)`` returns ``(logits, None)``, as every evaluation
+  network does (the second: auxiliary logits, which this one has none of). ``dropout``
+  > 0 drops the pooled features before the classifier in train mode (ProxylessNAS
+  trains its GPU model with 0.3) and needs ``rngs={'dropout': key}``."""
   architecture: tuple[str, ...]
   num_classes: int = 1000
   channels: tuple[int, ...] = CHANNELS
@@ -670,6 +680,7 @@ class ProxylessEvalNetwork(nn.Module):
   strides: tuple[int, ...] = STRIDES
   impl: str = 'auto'
   bn_groups: int = 1
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -682,7 +693,8 @@ class ProxylessEvalNetwork(nn.Module):
       k, e = MB_OPS[op]
       x = MBConv(layer.c_out, k, e, layer.stride, self.impl, self.bn_groups,
                  name=f'layer_{layer.number}')(x, train)
-    return _head(x, train, channels, self.num_classes, self.bn_groups)
+    return _head(x, train, channels, self.num_classes, self.bn_groups,
+                 self.dropout if train else 0.0), None
 
 
 def count_params(params) -> int:
@@ -701,7 +713,7 @@ def architecture_cost(architecture: Sequence[str], *, num_classes: int = 1000,
                                width_multiplier, tuple(depths), tuple(strides), impl='xla')
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  macs = flops.count_macs(lambda v, x: model.apply(v, x, train=False), variables, x)
+  macs = flops.count_macs(lambda v, x: model.apply(v, x, train=False)[0], variables, x)
   return {'params': count_params(variables['params']), 'multiply_adds': int(macs)}
 
 
@@ -715,3 +727,85 @@ PROXYLESS_GPU = _reference_architecture(
 UNAS_PROXYLESS = _reference_architecture(
     ['mic_3x3_e3'] + ['mic_zero'] * 5 + ['mic_3x3_e3'] * 6 + ['mic_7x7_e3'] * 3,
     ['mic_5x5_e3', 'mic_7x7_e3', 'mic_7x7_e3', 'mic_5x5_e3', 'mic_7x7_e6', 'mic_7x7_e6'])
+
+PUBLISHED = {'PROXYLESS_GPU': PROXYLESS_GPU, 'UNAS_PROXYLESS': UNAS_PROXYLESS}
+# What a UNAS search in this space writes to its workdir (the trainer reads it).
+ARCHITECTURE_FILE = 'architecture.json'
+
+
+def load_architecture(spec, depths: Sequence[int] = DEPTHS) -> tuple[str, ...]:
+  """The architecture ``spec`` names: a published one (`PUBLISHED`), a JSON file of
+  `to_json`'s form, or a search workdir (its ``architecture.json``). Raises
+  ``genotypes.GenotypeError`` naming the source and what is wrong."""
+  names = ', '.join(PUBLISHED)
+  if not isinstance(spec, (str, os.PathLike)):
+    raise genotypes.GenotypeError(f'cannot load an architecture from a '
+                                  f'{type(spec).__name__}; name one of {names}, a .json '
+                                  'file or a search workdir.')
+  spec = os.fspath(spec)
+  if spec in PUBLISHED:
+    source, d = spec, to_json(PUBLISHED[spec])
+  else:
+    path = os.path.join(spec, ARCHITECTURE_FILE) if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+      raise genotypes.GenotypeError(
+          f'{path}: no such architecture file; name a published architecture ({names}), '
+          f'a .json file or the workdir of a finished search in this space.')
+    source = path
+    try:
+      with open(path) as f:
+        d = json.load(f)
+    except (OSError, ValueError) as e:
+      raise genotypes.GenotypeError(f'{path}: cannot read the architecture ({e}).') from e
+  try:
+    return from_json(d, depths)
+  except ValueError as e:
+    raise genotypes.GenotypeError(f'{source}: {e}') from e
+
+
+class EvalSpace:
+  """Training a found architecture of this space from scratch (``jaxnas.train``): the
+  adapter ``jaxnas.spaces.EVAL_SPACES['proxyless']``. Model fields: ``channels``,
+  ``width_multiplier``, ``depths``, ``strides``, ``dropout``, ``depthwise_impl``."""
+  name = 'proxyless'
+  drop_path = False  # no drop path in this network
+  sources = f'a published architecture ({", ".join(PUBLISHED)}), an architecture .json ' \
+            'file or a UNAS search workdir of this space'
+
+  def validate(self, m, image_shape, fail):
+    del image_shape  # any size: the stride-2 layers round up
+    try:
+      check_skeleton(resolve_channels(tuple(m.channels), m.width_multiplier),
+                     tuple(m.depths), tuple(m.strides))
+    except ValueError as e:
+      fail('model.channels', f'(with model.depths and model.strides) cannot build the '
+           f'network: {e}')
+    if not 0 <= m.dropout < 1:
+      fail('model.dropout', f'must be in [0, 1), got {m.dropout}.')
+
+  def load(self, spec, m):
+    return load_architecture(spec, tuple(m.depths))
+
+  def from_json(self, d, source, m):
+    try:
+      return from_json(d, tuple(m.depths))
+    except ValueError as e:
+      raise genotypes.GenotypeError(f'{source}: {e}') from e
+
+  def build(self, m, architecture, num_classes, impl=None):
+    return ProxylessEvalNetwork(tuple(architecture), num_classes, tuple(m.channels),
+                                m.width_multiplier, tuple(m.depths), tuple(m.strides),
+                                impl=impl or m.depthwise_impl, dropout=m.dropout)
+
+  def to_json(self, architecture):
+    return to_json(architecture)
+
+  def format(self, m, architecture):
+    return format_architecture(architecture, tuple(m.depths))
+
+  def count_params(self, params):
+    n = count_params(params)
+    return {'params': n, 'params_with_auxiliary': n}
+
+
+EVAL_SPACE = EvalSpace()
