@@ -7,6 +7,7 @@ not exist (``--config.optim.lr=...`` instead of ``learning_rate``) fails at flag
 
 import ml_collections
 
+from jaxnas.spaces import fbnet
 from jaxnas.spaces import proxyless
 
 
@@ -94,8 +95,9 @@ def train_config(space: str = 'darts') -> ml_collections.ConfigDict:
   c.space = space
   # 'darts': a published name (PC_DARTS_cifar, PC_DARTS_image, DARTS_V2), a genotype.json
   # file or a search workdir (its genotype.json). 'proxyless': PROXYLESS_GPU,
-  # UNAS_PROXYLESS, an architecture .json file or a UNAS search workdir.
-  c.genotype = 'PC_DARTS_cifar' if space == 'darts' else 'UNAS_PROXYLESS'
+  # UNAS_PROXYLESS, an architecture .json file or a UNAS search workdir. 'fbnet': an
+  # architecture .json file or an FP-NAS / PARSEC search workdir.
+  c.genotype = {'darts': 'PC_DARTS_cifar', 'proxyless': 'UNAS_PROXYLESS'}.get(space, '')
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
@@ -109,12 +111,13 @@ def train_config(space: str = 'darts') -> ml_collections.ConfigDict:
   c.data.cutout = 16          # side of the cutout square; 0 switches it off
 
   c.model = ml_collections.ConfigDict()
-  if space == 'proxyless':
-    c.model.channels = proxyless.CHANNELS  # stem, first block, 6 stages, last conv
+  if space in ('proxyless', 'fbnet'):
+    skeleton = proxyless if space == 'proxyless' else fbnet
+    c.model.channels = skeleton.CHANNELS  # (stem, ...,) stages, last conv
     c.model.width_multiplier = 1.0
-    c.model.depths = proxyless.DEPTHS      # layers per stage (as the search's)
-    c.model.strides = proxyless.STRIDES
-    c.model.dropout = 0.0                  # before the classifier
+    c.model.depths = skeleton.DEPTHS      # layers per stage (as the search's)
+    c.model.strides = skeleton.STRIDES
+    c.model.dropout = 0.0                 # before the classifier
   else:
     c.model.C = 36
     c.model.layers = 20
@@ -154,6 +157,8 @@ def train_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A few steps of a small network of a published architecture, for checking a setup."""
   if c.space == 'proxyless':
     c.genotype = 'UNAS_PROXYLESS'
+    c.model.width_multiplier = 0.25
+  elif c.space == 'fbnet':  # no published architecture: the config's stays
     c.model.width_multiplier = 0.25
   else:
     c.genotype = 'PC_DARTS_cifar'

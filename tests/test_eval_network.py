@@ -276,7 +276,7 @@ def test_weight_decay_can_leave_batch_norm_out_and_momentum_can_be_nesterov():
 
 
 @pytest.mark.parametrize('edit,field,message', [
-    (lambda c: c.__setitem__('space', 'fbnet'), None, r"config\.space is 'fbnet'"),
+    (lambda c: c.__setitem__('space', 'nasnet'), None, r"config\.space is 'nasnet'"),
     (lambda c: c.model.__setitem__('dropout', 1.0), None, r'config\.model\.dropout must be'),
     (lambda c: c.model.__setitem__('depths', (4, 4)), None, r'config\.model\.channels'),
     (lambda c: c.__setitem__('genotype', 'PROXYLESS_CPU'), 'genotype',
@@ -300,3 +300,24 @@ def test_an_architecture_of_another_skeleton_is_named_with_its_file(tmp_path):
     train.validate_config(config)
   config.model.depths = (2, 1, 1, 1, 1, 1)
   assert train.validate_config(config) == ('mb3_e3',) * 7
+
+
+def test_an_fbnet_architecture_trains_with_its_eval_config(tmp_path):
+  from configs import eval_fbnet_imagenet  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import fbnet  # pylint: disable=g-import-not-at-top
+  largest = {f: np.full((5,), len(v) - 1) for f, v in fbnet.FACTORS.items()}
+  (tmp_path / 'architecture.json').write_text(json.dumps(fbnet.to_json(largest)))
+  for arg in (None, 'smoke'):
+    config = eval_fbnet_imagenet.get_config(arg)
+    config.genotype = str(tmp_path)
+    summary = train.model_summary(config, train.validate_config(config))
+    assert summary['space'] == 'fbnet' and summary['params'] > 0
+  # At 224 px the search's formula and the count traced in the network agree.
+  config = eval_fbnet_imagenet.get_config()
+  config.genotype = str(tmp_path)
+  summary = train.model_summary(config, train.validate_config(config))
+  assert summary['multiply_adds'] == fbnet.multiply_adds(largest, image_size=224,
+                                                         num_classes=1000) == 281723776
+  config.genotype = str(tmp_path / 'missing')
+  with pytest.raises(genotypes.GenotypeError, match='no such architecture file'):
+    train.validate_config(config)

@@ -8,6 +8,7 @@ line in ``METHODS`` and one config under ``configs/``. ``register`` adds one at 
 
 from jaxnas.methods import base
 from jaxnas.methods import darts
+from jaxnas.methods import fpnas
 from jaxnas.methods import pcdarts
 from jaxnas.methods import unas
 
@@ -15,6 +16,8 @@ METHODS: dict[str, base.Method] = {
     'darts': darts.METHOD,
     'pcdarts': pcdarts.METHOD,
     'unas': unas.METHOD,
+    'parsec': fpnas.PARSEC,
+    'fpnas': fpnas.FPNAS,
 }
 
 

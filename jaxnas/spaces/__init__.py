@@ -12,6 +12,7 @@ whose ``apply(variables, x, train=...)`` returns ``(logits, auxiliary logits or 
 
 from jaxnas.spaces import darts
 from jaxnas.spaces import darts_eval
+from jaxnas.spaces import fbnet
 from jaxnas.spaces import proxyless
 from jaxnas.spaces import sampled_darts
 
@@ -19,9 +20,11 @@ SEARCH_SPACES = {
     'darts': darts.SearchNetwork,             # DARTS / PC-DARTS: every edge a mixed op
     'unas_darts': sampled_darts.SampledNetwork,  # two sampled (source, op) slots per node
     'proxyless': proxyless.ProxylessNetwork,  # ProxylessNAS GPU: MBConv or zero per layer
+    'fbnet': fbnet.FBNetNetwork,              # FBNetV2-like: kernel, expansion, width, SE, act
 }
 
 EVAL_SPACES = {
     'darts': darts_eval.EVAL_SPACE,          # a genotype's cell stacked (DARTS, PC-DARTS, UNAS)
     'proxyless': proxyless.EVAL_SPACE,       # one MBConv per layer (UNAS in ProxylessNAS)
+    'fbnet': fbnet.EVAL_SPACE,               # the chosen blocks (FP-NAS, PARSEC in fbnet)
 }

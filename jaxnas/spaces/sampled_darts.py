@@ -36,10 +36,17 @@ named by the static argument ``path``:
   by its (one-hot) weight, so a straight-through gradient reaches the chosen entries.
   A switch index that is batched (under ``vmap``, or one architecture per example)
   lowers to ``select`` and runs every branch; so one architecture per example is the
-  mixed path with one-hot weights, not this one. A slot's switch has a branch per
-  (edge, op) into its node, so the program holds each op twice (once per slot) while a
-  run executes one op per slot; where the weights are constants of the jitted function
-  rather than arguments, XLA folds the switches and compiles only the chosen ops.
+  mixed path with one-hot weights, not this one. A slot's switch has a branch per op,
+  not per (edge, op): the sources of a node whose edges share a stride and whose
+  states share a shape are stacked (states, edge parameters and statistics on a new
+  leading axis), and the branch picks the chosen source by a dynamic index. That is
+  num_ops branches in a normal cell; in a reduction cell the cell inputs (stride 2)
+  and the intermediate nodes (stride 1) are two such groups, so 2 x num_ops branches
+  for the nodes that read an intermediate node (num_ops for node 0). Slot 1 has one
+  more branch, which reuses slot 0's output when both pick the same (source, op). So
+  the program holds each op once or twice per slot while a run executes one op per
+  slot; where the weights are constants of the jitted function rather than arguments,
+  XLA folds the switches and compiles only the chosen ops.
 
 Weights of sources a node cannot read are ignored by both paths.
 
@@ -49,9 +56,10 @@ axis in the order of `darts.edges_from`: ``{op}_dw{b}`` (E, k, k, 1, C) depthwis
 ``{op}_pw{b}`` (E, C, C) 1x1 kernels of block b of a conv op, ``skip_connect_pw{0,1}``
 (E, C, C/2) of FactorizedReduce (stride 2 only), and the running statistics ``mean``,
 ``var`` (E, C) of the non-affine BatchNorms ``{op}_bn{b}``, ``{pool}_bn`` and
-``skip_connect_bn``. The mixed path vmaps over the edge axis; the discrete path slices
-the chosen edge. In training mode the mixed path updates the BatchNorm statistics of
-every op (each sees the data), the discrete path only those of the chosen ops.
+``skip_connect_bn``. The mixed path vmaps over the edge axis; the discrete path stacks
+the edges into a node and indexes the chosen one. In training mode the mixed path
+updates the BatchNorm statistics of every op (each sees the data), the discrete path
+only those of the chosen ops on the chosen edges.
 """
 
 import functools
@@ -482,59 +490,100 @@ class SampledCell(nn.Module):
     return states
 
   def _discrete(self, groups, states, w_in, w_op):
-    """Per slot, only the chosen source's chosen op, under lax.switch (scalar index)."""
-    n = len(self.primitives)
+    """Per slot, only the chosen op on the chosen source, under lax.switch (scalar
+    index): a branch per (part of the sources, op), the branch picking its edge within
+    the part by a dynamic index (see `_source_parts` and `_branch`)."""
     scale = darts.weighting(self.impl)
     keep = self._keep_stats()  # the switches return the edges' BN statistics
     read = [group() for group in groups]
     params = [p for p, _ in read]
     stats = [s for _, s in read]
+    stack = lambda ts: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ts)  # noqa: E731
+    # With ``keep``, the new statistics of edge s -> i (row pos of group s), each written
+    # once, by node i's switches; stacked back into their groups at the end.
+    rows = [{} for _ in groups]
     for i in range(self.steps):
-      sources = range(i + 2)
-      pos = [i - max(0, s - 1) for s in sources]  # edge s -> i in group s
-      edge_params = tuple(_edge(params[s], pos[s]) for s in sources)
-      edge_stats = tuple(_edge(stats[s], pos[s]) for s in sources)
-      # Branch s * n + o runs op o on edge s -> i.
-      branches = [functools.partial(_branch, s, op, self._op_config(s), keep)
-                  for s in sources for op in self.primitives]
+      pos = [i - max(0, s - 1) for s in range(i + 2)]  # edge s -> i in group s
+      parts = self._source_parts(states[:i + 2])
+      # Per part, its sources' states and the variables of their edges into node i,
+      # stacked on a leading axis in source order.
+      operands = tuple(
+          (jnp.stack([states[s] for s in part]),
+           stack([_edge(params[s], pos[s]) for s in part]),
+           stack([_edge(stats[s], pos[s]) for s in part])) for part in parts)
+      # Branch k * num_ops + o runs op o on the chosen edge of part k.
+      branches = [functools.partial(_branch, k, part[0], op, self._op_config(part[0]),
+                                    keep)
+                  for k, part in enumerate(parts) for op in self.primitives]
+      part_of = np.array([k for k, part in enumerate(parts) for _ in part], np.int32)
       # Slot 1 with slot 0's (source, op): the same parameters and input, so its output
       # is reused (and the op's BN statistics move once, as in the mixed path).
-      reuse = lambda _, __, edge_stats, y: (y, edge_stats if keep else ())  # noqa: E731
+      reuse = lambda _, operands, y: (y, tuple(st for _, _, st in operands)  # noqa: E731
+                                      if keep else ())
       outputs, chosen = [], []
       for j in (0, 1):
         # Only the sources node i may read; invalid entries cannot be picked.
         source = jnp.argmax(w_in[0, i, j, :i + 2])
         op = jnp.argmax(w_op[0, i, j])
-        index = source * n + op
+        index = jnp.asarray(part_of)[source] * len(self.primitives) + op
         if j == 0:
-          y, new = lax.switch(index, branches, tuple(states[:i + 2]), edge_params,
-                              edge_stats, None)
+          y, new = lax.switch(index, branches, source, operands, None)
         else:
           same = (source == chosen[0][0]) & (op == chosen[0][1])
           y, new = lax.switch(jnp.where(same, len(branches), index), branches + [reuse],
-                              tuple(states[:i + 2]), edge_params, edge_stats, outputs[0])
-        edge_stats = new if keep else edge_stats
+                              source, operands, outputs[0])
+        if keep:
+          operands = tuple((x, p, st) for (x, p, _), st in zip(operands, new))
         outputs.append(y)
         chosen.append((source, op))
       # Times the chosen (one-hot) weight, so that a straight-through gradient flows.
       states.append(sum(scale(y, w_in[0, i, j, s] * w_op[0, i, j, o])
                         for j, (y, (s, o)) in enumerate(zip(outputs, chosen))))
       if keep:
-        for s in sources:
-          stats[s] = jax.tree_util.tree_map(lambda full, e, p=pos[s]: full.at[p].set(e),
-                                            stats[s], edge_stats[s])
+        for part, (_, _, part_stats) in zip(parts, operands):
+          for k, s in enumerate(part):
+            rows[s][pos[s]] = jax.tree_util.tree_map(lambda a, k=k: a[k], part_stats)
     if keep:
-      for group, new in zip(groups, stats):
-        group(new)
+      for group, new in zip(groups, rows):
+        group(stack([new[p] for p in range(len(new))]))
     return states
 
+  def _source_parts(self, states):
+    """The sources 0 .. len(states)-1 of a node as runs of consecutive sources whose
+    edges share a stride and whose states share a shape, so that one copy of an op
+    serves a run: one run in a normal cell; in a reduction cell the cell inputs
+    (stride 2) and the intermediate nodes (stride 1)."""
+    parts = []
+    for s, x in enumerate(states):
+      if parts and (self._stride(s), x.shape) == (self._stride(parts[-1][0]),
+                                                   states[parts[-1][0]].shape):
+        parts[-1].append(s)
+      else:
+        parts.append([s])
+    return parts
 
-def _branch(source, op, config, keep, states, edge_params, edge_stats, y_prev):
-  """A switch branch of the discrete path: op on edge ``source`` -> node alone; with
-  ``keep``, also the incoming edges' statistics, this op's updated."""
+
+def _branch(part, first, op, config, keep, source, operands, y_prev):
+  """A switch branch of the discrete path: op alone on the edge from ``source`` (the
+  first source of part ``part`` is ``first``), its input state and the op's variables
+  taken from the part's stacked ones by a dynamic index; with ``keep``, also every
+  part's stacked statistics, this op's on this edge updated."""
   del y_prev
-  y, new = single_op(edge_params[source], edge_stats[source], states[source], op, **config)
-  return y, (edge_stats[:source] + (new,) + edge_stats[source + 1:]) if keep else ()
+  x, params, stats = operands[part]
+  local = source - first
+  take = lambda a: lax.dynamic_index_in_dim(a, local, keepdims=False)  # noqa: E731
+  # The op's variables: ``{op}_dw0``, ``{op}_bn``, ... (`_variable_shapes`).
+  mine = lambda t: {k: v for k, v in t.items() if k.rsplit('_', 1)[0] == op}  # noqa: E731
+  edge_stats = jax.tree_util.tree_map(take, mine(stats))
+  y, new = single_op(jax.tree_util.tree_map(take, mine(params)), edge_stats, take(x), op,
+                     **config)
+  if not keep:
+    return y, ()
+  # ``new`` holds just this op's statistics (those of ``edge_stats``).
+  put = lambda full, e: lax.dynamic_update_index_in_dim(full, e, local, 0)  # noqa: E731
+  updated = {**stats, **{name: jax.tree_util.tree_map(put, stats[name], value)
+                         for name, value in new.items()}}
+  return y, tuple(updated if k == part else st for k, (_, _, st) in enumerate(operands))
 
 
 class SampledNetwork(nn.Module):
