@@ -64,7 +64,8 @@ from jaxnas import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {'pcdarts': 'configs/pcdarts_cifar.py', 'darts': 'configs/darts_cifar.py',
-           'unas': 'configs/unas_cifar.py'}
+           'unas': 'configs/unas_cifar.py', 'parsec': 'configs/parsec_cifar.py',
+           'fpnas': 'configs/fpnas_cifar.py'}
 # Dense float32 peaks (FLOP/s) of accelerators, for the fraction-of-peak column.
 PEAK_FP32 = {'H100': 67e12, 'H200': 67e12, 'A100': 19.5e12, 'V100': 15.7e12}
 
@@ -95,7 +96,8 @@ def run_setting(method: str, batch_size: int, remat: bool, steps: int,
   config = module.get_config()
   config.optim.batch_size = batch_size
   # The epochs of weight steps alone before the arch updates start: DARTS's
-  # arch_warmup_epochs, UNAS's warmup_epochs. Set to 0 to time the full step.
+  # arch_warmup_epochs, UNAS's, PARSEC's and FP-NAS's warmup_epochs. Set to 0 to time the
+  # full step.
   warm_field = 'arch_warmup_epochs' if 'arch_warmup_epochs' in config.optim else 'warmup_epochs'
   warm_epochs = config.optim[warm_field]
   config.optim[warm_field] = 0

@@ -74,6 +74,8 @@ class Progress:
              f"loss {metrics['train_loss']:.4f}", f"acc {100 * metrics['train_acc']:.2f}%"]
     if not np.isnan(metrics.get('val_loss', np.nan)):
       parts += [f"arch-batch loss {metrics['val_loss']:.4f}"]
+    if 'num_samples' in metrics:  # PARSEC / FP-NAS: architectures sampled, their entropy
+      parts += [f"K {metrics['num_samples']:.0f} (entropy {metrics['entropy']:.1f})"]
     parts += [f'{images_per_s:.1f} img/s', f'ETA {format_seconds(eta)}']
     text = ' | '.join(parts)
     print(text, file=self.stream, flush=True)

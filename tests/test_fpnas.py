@@ -391,3 +391,23 @@ def test_every_config_and_its_smoke_variant_validates(name):
     if config.space == 'fbnet':  # the cell space's summary is UNAS's (tested there)
       summary = search.method_of(config).summary(config)
       assert summary['params'] > 0 and summary['multiply_adds'] > 0
+
+
+def test_each_sample_runs_only_its_ops():
+  """The arch phase's program: per sample, every node slot of every cell is one
+  conditional (a branch per op; only the taken one runs), inside the conditional that
+  skips the samples past K (the sampled cell's tests check that the ops live in the
+  branches)."""
+  config = tiny_config(sample_scale=1e-3, min_samples=2, max_samples=2)
+  method = search.method_of(config)
+  model = method.build_model(config, 10)
+  weight_tx, arch_tx = method.make_optimizers(config, 3)
+  state = jax.eval_shape(lambda: method.create_state(model, (8, 8, 1), weight_tx, arch_tx,
+                                                     config))
+  _, arch_phase = method.make_phases(model, weight_tx, arch_tx, config, 3)
+  batch = {'image': jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32),
+           'label': jax.ShapeDtypeStruct((4,), jnp.int32)}
+  text = jax.jit(arch_phase).lower(state, batch, batch).as_text()
+  slots = config.model.layers * config.model.steps * 2  # 3 cells x 2 nodes x 2 slots
+  # + the skip of samples past K + the skip of the arch step during the warm-up.
+  assert text.count('stablehlo.case') == slots + 2

@@ -86,6 +86,7 @@ from jaxnas.methods import unas as unas_method
 from jaxnas.spaces import darts_eval
 from jaxnas.spaces import fbnet
 
+
 def get_config(adaptive: bool = True, space: str = 'unas_darts'
                ) -> ml_collections.ConfigDict:
   """FP-NAS (``adaptive``) or PARSEC, with the model fields of ``space``: 'unas_darts'
@@ -195,11 +196,6 @@ def draw(key, logits, n: int) -> dict[str, jax.Array]:
   return jax.vmap(one)(jnp.arange(n))
 
 
-def one_hot(choices, logits) -> dict[str, jax.Array]:
-  return {k: jax.nn.one_hot(choices[k], logits[k].shape[-1], dtype=jnp.float32)
-          for k in logits}
-
-
 def importance_weights(log_likelihoods, active) -> jax.Array:
   """v_k = softmax(l_k) over the active samples; 0 for the others."""
   masked = jnp.where(active, log_likelihoods, -jnp.inf)
@@ -207,8 +203,10 @@ def importance_weights(log_likelihoods, active) -> jax.Array:
 
 
 def arch_gradient(logits, choices, weights) -> dict[str, jax.Array]:
-  """The ascent direction sum_k v_k (onehot(A_k) - softmax(alpha)) per categorical
-  (``weights`` v sum to 1 over the samples; masked choices get 0)."""
+  """The ascent direction sum_k w_k (onehot(A_k) - softmax(alpha)) per categorical:
+  with the importance weights v (summing to 1 over the samples) the gradient of the log
+  marginal likelihood, with `cost_weights` that of the objective with the cost term.
+  Choices the mask forbids get 0."""
   out = {}
   for name, v in logits.items():
     probs = jax.nn.softmax(v, -1)
@@ -249,8 +247,8 @@ class CellSpace:
 
   def apply(self, model, variables, x, choices, m, **kwargs):
     """One architecture (index choices) on the batch, only its ops run."""
-    logits = self.cells.mask(m, {k: jnp.zeros(s) for k, s in self.arch_shapes(m).items()})
-    weights = {k: jax.nn.one_hot(choices[k], logits[k].shape[-1])[None] for k in logits}
+    weights = {k: jax.nn.one_hot(choices[k], s[-1])[None]
+               for k, s in self.arch_shapes(m).items()}
     return model.apply(variables, x, weights, path='discrete', **kwargs)
 
   def most_likely(self, m, arch, fine):
@@ -746,7 +744,13 @@ class Parsec(base.Method):
                 config.model, choices, shape, num_classes))}
 
   def format_summary(self, s):
-    return unas_method.METHOD.format_summary(s)
+    if s['space'] != 'fbnet':
+      return unas_method.METHOD.format_summary(s)
+    size = 'x'.join(map(str, s['input_shape']))
+    return (f'{s["method"]} supernet (fbnet space) on {s["dataset"]} {size}: per stage '
+            f'{" x ".join(s["primitives"])}, {s["params"] / 1e6:.3f}M weights, '
+            f'{s["arch_params"]} arch logits (factorized and joint), largest architecture '
+            f'{s["multiply_adds"] / 1e6:.1f}M multiply-adds per image')
 
 
 class FpNas(Parsec):
