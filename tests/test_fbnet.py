@@ -22,6 +22,7 @@ import pytest
 from jaxnas import flops
 from jaxnas import genotypes
 from jaxnas.spaces import fbnet as fb
+from jaxnas.spaces import proxyless
 
 SKELETON = dict(channels=(4, 4, 8, 8, 8, 16, 32), depths=(1, 3, 1, 2, 1),
                 strides=(1, 2, 2, 2, 2))
@@ -196,9 +197,9 @@ def _group(number):
   """The variable group of a block and its index in the group's block axis."""
   for first, last in fb.stages(DEPTHS):
     if number == first:
-      return fb._group_name(first, first), 0
+      return proxyless.group_name(first, first), 0
     if first < number <= last:
-      return fb._group_name(first + 1, last), number - first - 1
+      return proxyless.group_name(first + 1, last), number - first - 1
   raise AssertionError(number)
 
 

@@ -90,6 +90,7 @@ from jaxnas.ops import depthwise as depthwise_lib
 from jaxnas.ops import primitives as ops
 from jaxnas.spaces import darts
 from jaxnas.spaces import darts_eval
+from jaxnas.spaces import proxyless
 
 # The searched factors and their options, in the order of the joint index.
 FACTORS = {
@@ -490,22 +491,6 @@ def supernet_block(params, stats, x, choice, c_in, c_out, *, block: Block, train
 # --- modules ---------------------------------------------------------------------------
 
 
-class _BatchNormVariables(nn.Module):
-  """An affine BatchNorm's variables (ops.BatchNorm's names) without the BatchNorm:
-  returns ({'scale', 'bias'}, {'mean', 'var'}), after writing ``new`` stats if given."""
-  shape: tuple[int, ...]
-
-  @nn.compact
-  def __call__(self, new=None):
-    scale = self.param('scale', nn.initializers.ones, self.shape)
-    bias = self.param('bias', nn.initializers.zeros, self.shape)
-    mean = self.variable('batch_stats', 'mean', jnp.zeros, self.shape, jnp.float32)
-    var = self.variable('batch_stats', 'var', jnp.ones, self.shape, jnp.float32)
-    if new is not None:
-      mean.value, var.value = new['mean'], new['var']
-    return {'scale': scale, 'bias': bias}, {'mean': mean.value, 'var': var.value}
-
-
 class BlockVariables(nn.Module):
   """The shared weights of ``num_blocks`` blocks of equal shapes at their maximum sizes,
   stacked on a leading block axis (names in the module docstring). Calling it returns
@@ -528,7 +513,7 @@ class BlockVariables(nn.Module):
               for name, shape in shapes.items()}
     stats = {}
     for name, c in (('expand_bn', h), ('dw_bn', h), ('project_bn', self.c_out)):
-      params[name], stats[name] = _BatchNormVariables((n, c), name=name)(
+      params[name], stats[name] = proxyless.BatchNormVariables((n, c), name=name)(
           new_stats and new_stats[name])
     return params, stats
 
@@ -552,14 +537,6 @@ def _head(x, train, c_head, num_classes, bn_groups, dropout=0.0):
     x = nn.Dropout(dropout, deterministic=False)(x)
   return nn.Dense(num_classes, kernel_init=ops.torch_init,
                   bias_init=darts.torch_bias_init(x.shape[-1]), name='classifier')(x)
-
-
-def _group_name(first, last):
-  return f'layer_{first}' if first == last else f'layers_{first}_{last}'
-
-
-def _at(tree, i):
-  return jax.tree_util.tree_map(lambda a: a[i], tree)
 
 
 class FBNetNetwork(nn.Module):
@@ -607,13 +584,13 @@ class FBNetNetwork(nn.Module):
         if lo > hi:
           continue
         spec = blocks[lo - 1]
-        group = BlockVariables(hi - lo + 1, spec.c_in, spec.c_out, name=_group_name(lo, hi))
+        group = BlockVariables(hi - lo + 1, spec.c_in, spec.c_out, name=proxyless.group_name(lo, hi))
         params, stats = group()
         fn = functools.partial(supernet_block, choice=choice,
                                c_in=c_prev if spec.first else c_out, c_out=c_out,
                                block=spec, **config)
         if lo == hi:
-          x, new = fn(_at(params, 0), _at(stats, 0), x)
+          x, new = fn(proxyless.tree_at(params, 0), proxyless.tree_at(stats, 0), x)
           new = jax.tree_util.tree_map(lambda a: a[None], new)
         else:
           x, new = lax.scan(lambda x, ps, fn=fn: fn(ps[0], ps[1], x), x, (params, stats))

@@ -480,7 +480,7 @@ def _branch(op, config, params, stats, x, key):
 # --- modules ---------------------------------------------------------------------------
 
 
-class _BatchNormVariables(nn.Module):
+class BatchNormVariables(nn.Module):
   """An affine BatchNorm's variables (ops.BatchNorm's names) without the BatchNorm:
   returns ({'scale', 'bias'}, {'mean', 'var'}), after writing ``new`` stats if given."""
   shape: tuple[int, ...]
@@ -526,7 +526,7 @@ class CandidateOps(nn.Module):
       bns[f'{op}_bn1'], bns[f'{op}_bn2'] = h, c_out
     stats = {}
     for name, c in bns.items():
-      params[name], stats[name] = _BatchNormVariables((n, c), name=name)(
+      params[name], stats[name] = BatchNormVariables((n, c), name=name)(
           new_stats and new_stats[name])
     return params, stats
 
@@ -578,11 +578,13 @@ def _head(x, train, channels, num_classes, bn_groups, dropout=0.0):
                   bias_init=darts.torch_bias_init(x.shape[-1]), name='classifier')(x)
 
 
-def _group_name(first, last):
+def group_name(first, last):
+  """The variables' name of stacked layers first..last (one layer: ``layer_{first}``)."""
   return f'layer_{first}' if first == last else f'layers_{first}_{last}'
 
 
-def _at(tree, i):
+def tree_at(tree, i):
+  """Entry i of every array of ``tree`` (one layer of stacked variables)."""
   return jax.tree_util.tree_map(lambda a: a[i], tree)
 
 
@@ -642,7 +644,7 @@ class ProxylessNetwork(nn.Module):
           continue
         specs = layers[lo - 1:hi]
         group = CandidateOps(hi - lo + 1, specs[0].c_in, specs[0].c_out, self.primitives,
-                             name=_group_name(lo, hi))
+                             name=group_name(lo, hi))
         params, stats = group()
         fn = functools.partial(layer_fn, layer=specs[0], **config)
         keys = None
@@ -650,7 +652,7 @@ class ProxylessNetwork(nn.Module):
           keys = jax.vmap(lambda n: jax.random.fold_in(base_key, n))(jnp.arange(lo, hi + 1))
         w_group = jnp.swapaxes(w[:, lo - 1:hi], 0, 1)  # (layers, S, ops)
         if hi == lo:
-          x, new = fn(_at(params, 0), _at(stats, 0), x, w_group[0],
+          x, new = fn(tree_at(params, 0), tree_at(stats, 0), x, w_group[0],
                       None if keys is None else keys[0])
           new = jax.tree_util.tree_map(lambda a: a[None], new)
         else:
