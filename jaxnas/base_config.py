@@ -96,7 +96,8 @@ def train_config(space: str = 'darts') -> ml_collections.ConfigDict:
   # 'darts': a published name (PC_DARTS_cifar, PC_DARTS_image, DARTS_V2), a genotype.json
   # file or a search workdir (its genotype.json). 'proxyless': PROXYLESS_GPU,
   # UNAS_PROXYLESS, an architecture .json file or a UNAS search workdir. 'fbnet': an
-  # architecture .json file or an FP-NAS / PARSEC search workdir.
+  # architecture .json file or an FP-NAS / PARSEC search workdir. 'atomnas': an
+  # AtomNAS run's workdir or its architecture.json.
   c.genotype = {'darts': 'PC_DARTS_cifar', 'proxyless': 'UNAS_PROXYLESS'}.get(space, '')
   c.seed = 0
 
@@ -118,6 +119,10 @@ def train_config(space: str = 'darts') -> ml_collections.ConfigDict:
     c.model.depths = skeleton.DEPTHS      # layers per stage (as the search's)
     c.model.strides = skeleton.STRIDES
     c.model.dropout = 0.0                 # before the classifier
+  elif space == 'atomnas':  # a shrunk AtomNAS network (its blocks are in the architecture)
+    c.model.act = 'relu'                  # 'relu' | 'swish' (AtomNAS+: swish)
+    c.model.se = False                    # squeeze-excite per branch (AtomNAS+: True)
+    c.model.dropout = 0.0                 # before the classifier (AtomNAS+: 0.28)
   else:
     c.model.C = 36
     c.model.layers = 20

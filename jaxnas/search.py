@@ -57,6 +57,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.{field} {msg}')
 
   method = method_of(config)
+  if method.own_loop:  # one-stage methods (AtomNAS) check their own fields
+    method.validate(config, fail)
+    return
   if config.space not in spaces.SEARCH_SPACES:
     fail('space', f'is {config.space!r}; choose one of {tuple(spaces.SEARCH_SPACES)}.')
   if config.compile_mode not in COMPILE_MODES:
@@ -192,11 +195,13 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   ``stop_at_step`` ends the run after that step, as if it were interrupted there (the
   next call resumes from the last checkpoint); for notebooks and tests.
   """
+  method = method_of(config)
+  if method.own_loop:  # a one-stage method (AtomNAS) runs a loop of its own
+    return method.run(config, workdir, stop_at_step)
   parallel.maybe_initialize_distributed(config)  # before anything touches the devices
   host_memory.map_large_allocations()  # a lower compile-time peak of host memory
   # --- checks: every user error surfaces here, before data loading or compilation.
   validate_config(config)
-  method = method_of(config)
   check_data(config)
   os.makedirs(workdir, exist_ok=True)
   ckpt_lib.check_workdir_config(workdir, config)

@@ -127,8 +127,12 @@ def model_summary(config, genotype) -> dict:
                          train=True))
   macs = flops.count_macs(lambda v, x: model.apply(v, x, train=False)[0], variables, x)
   m = config.model
-  network = (f'C={m.C}, {m.layers} cells' if space.name == 'darts' else
-             f'width x{m.width_multiplier:g}, {sum(m.depths)} layers')
+  if space.name == 'darts':
+    network = f'C={m.C}, {m.layers} cells'
+  elif space.name == 'atomnas':
+    network = f'{len(genotype.blocks)} blocks of atoms, {genotype.atoms()} atoms'
+  else:
+    network = f'width x{m.width_multiplier:g}, {sum(m.depths)} layers'
   return {
       'method': config.method, 'space': space.name, 'genotype_source': config.genotype,
       'genotype': space.to_json(genotype), 'architecture': space.format(m, genotype),

@@ -288,7 +288,7 @@ def train_step(num_devices, batch):
   return jax.device_get(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def check_train_step() -> dict:
+def check_train_step(idx_dir, workdir) -> dict:
   rng = np.random.default_rng(1)
   batch = {'image': rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32),
            'label': rng.integers(0, 10, BATCH).astype(np.int32)}
@@ -297,7 +297,28 @@ def check_train_step() -> dict:
   return {'devices': jax.device_count(), 'drop_rate': m_eight['drop_rate'],
           'params_diff': max_diff(one.params, eight.params),
           'batch_stats_diff': max_diff(one.batch_stats, eight.batch_stats),
-          'loss_1': m_one['train_total_loss'], 'loss_8': m_eight['train_total_loss']}
+          'loss_1': m_one['train_total_loss'], 'loss_8': m_eight['train_total_loss'],
+          **check_atomnas(idx_dir, workdir)}
+
+
+def check_atomnas(idx_dir, workdir) -> dict:
+  """AtomNAS's whole one-stage run (shrinks and recompiles included) on 8 devices and
+  on 1: the architectures it ends with and the exported (EMA, shrunk) models."""
+  import jaxnas  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import atomnas as atom_space  # pylint: disable=g-import-not-at-top
+  from test_atomnas import run_config  # pylint: disable=g-import-not-at-top
+  out, models = {}, {}
+  for n in (8, 1):
+    config = run_config(idx_dir, os.path.join(workdir, 'xla_cache'))
+    config.parallel.num_devices = n
+    result = search.run_search(config, os.path.join(workdir, f'atomnas_{n}'))
+    out[f'atomnas_{n}_architecture'] = atom_space.to_json(result['architecture'])
+    out[f'atomnas_{n}_shrinks'] = len(result['recompiles'])
+    out[f'atomnas_{n}_test_loss'] = result['test_loss']
+    models[n] = jaxnas.load_model(os.path.join(workdir, f'atomnas_{n}'), 'last').variables
+  if out['atomnas_8_architecture'] == out['atomnas_1_architecture']:
+    out['atomnas_variables_diff'] = max_diff(models[8], models[1])
+  return out
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ line in ``METHODS`` and one config under ``configs/``. ``register`` adds one at 
 (a plug-in outside jaxnas, or a test's).
 """
 
+from jaxnas.methods import atomnas
 from jaxnas.methods import base
 from jaxnas.methods import darts
 from jaxnas.methods import fpnas
@@ -18,6 +19,7 @@ METHODS: dict[str, base.Method] = {
     'unas': unas.METHOD,
     'parsec': fpnas.PARSEC,
     'fpnas': fpnas.FPNAS,
+    'atomnas': atomnas.METHOD,
 }
 
 

@@ -51,6 +51,9 @@ class Method:
   # An epoch is a pass over the weight split, the arch split's batches cycling (a
   # small validation split); False: an epoch ends with the smaller split (DARTS).
   cycle_arch_split: bool = False
+  # True: the method runs a loop of its own (``run``), as one-stage AtomNAS does, whose
+  # network changes shape as it shrinks; it checks its config in ``validate`` alone.
+  own_loop: bool = False
 
   # ------------------------------------------------------------------- config
 
@@ -144,6 +147,10 @@ class Method:
     np.savez(path, **arch)
     return f'arch params written to {path}'
 
+
+  def run(self, config, workdir: str, stop_at_step: int | None = None) -> dict:
+    """The whole run of an ``own_loop`` method (the shared loop otherwise)."""
+    raise NotImplementedError
 
   def summary(self, config) -> dict:
     """The model's size from the config alone (``--dry_run``, ``summary.json``)."""

@@ -10,6 +10,7 @@ whose ``apply(variables, x, train=...)`` returns ``(logits, auxiliary logits or 
 ``drop_rate``).
 """
 
+from jaxnas.spaces import atomnas
 from jaxnas.spaces import darts
 from jaxnas.spaces import darts_eval
 from jaxnas.spaces import fbnet
@@ -21,10 +22,12 @@ SEARCH_SPACES = {
     'unas_darts': sampled_darts.SampledNetwork,  # two sampled (source, op) slots per node
     'proxyless': proxyless.ProxylessNetwork,  # ProxylessNAS GPU: MBConv or zero per layer
     'fbnet': fbnet.FBNetNetwork,              # FBNetV2-like: kernel, expansion, width, SE, act
+    'atomnas': atomnas.AtomNet,               # AtomNAS: blocks of atoms, shrunk as they die
 }
 
 EVAL_SPACES = {
     'darts': darts_eval.EVAL_SPACE,          # a genotype's cell stacked (DARTS, PC-DARTS, UNAS)
     'proxyless': proxyless.EVAL_SPACE,       # one MBConv per layer (UNAS in ProxylessNAS)
     'fbnet': fbnet.EVAL_SPACE,               # the chosen blocks (FP-NAS, PARSEC in fbnet)
+    'atomnas': atomnas.EVAL_SPACE,           # a shrunk AtomNAS network
 }
