@@ -7,8 +7,9 @@ r"""One AtomNAS training step at a config's supernet size: compile time, images/
 Builds the config's supernet (ImageNet-A: 224 px, 22 blocks, 31,392 atoms), compiles the
 training step as a run does (state replicated, the batch split over all devices), runs it
 on synthetic batches and prints, then writes as JSON: the step's compile time, its median
-time and images/s, the process's peak resident memory (CPU) or the device's peak memory
-(GPU), and the network's multiply-adds and parameters. ``--shrink=f`` also measures the
+time and images/s, the process's peak resident memory so far (CPU) or the device's peak
+memory so far (GPU: the shrunk network's row includes the supernet's), and the network's
+multiply-adds and parameters. ``--shrink=f`` also measures the
 network with a fraction f of every searched branch's atoms removed (the shrink and the
 recompile a run pays when atoms die), so the cost of a shrink shows beside the step.
 """

@@ -370,7 +370,8 @@ def shrink_records(workdir: str) -> list[dict]:
     for line in f:
       record = json.loads(line)
       if record.get('kind') == 'shrink':
-        records[record['step']] = {k: v for k, v in record.items() if k != 'kind'}
+        records[record['step']] = {k: v if k == 'compile_s' else int(v)
+                                   for k, v in record.items() if k != 'kind'}
   return [records[s] for s in sorted(records)]
 
 
