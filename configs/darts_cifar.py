@@ -26,6 +26,7 @@ def get_config(arg=None):
   config.model.edge_normalization = False
   config.optim.batch_size = 64
   config.optim.epochs = 50
+  config.optim.lr_timing = 'reference'  # epoch e at eta(e + 1), as the reference
   config.optim.learning_rate = 0.025
   config.optim.learning_rate_min = 0.001
   config.optim.momentum = 0.9

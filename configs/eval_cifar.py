@@ -21,5 +21,6 @@ from jaxnas import base_config
 
 def get_config(arg=None):
   config = base_config.train_config()
+  config.optim.lr_timing = 'reference'  # epoch e at the cosine's eta(e + 1), as the reference
   base_config.apply_variant(config, arg, 'eval_cifar', base_config.TRAIN_VARIANTS)
   return config

@@ -33,6 +33,7 @@ def get_config(arg=None):
   config.model.edge_normalization = True
   config.optim.batch_size = 256
   config.optim.epochs = 50
+  config.optim.lr_timing = 'reference'  # epoch e at eta(e + 1), as the reference
   config.optim.learning_rate = 0.1
   config.optim.learning_rate_min = 0.0
   config.optim.momentum = 0.9

@@ -29,6 +29,7 @@ def get_config(arg=None):
   config.model.edge_normalization = True
   config.optim.batch_size = 1024
   config.optim.epochs = 50
+  config.optim.lr_timing = 'reference'  # epoch e at eta(e + 1), as the reference
   config.optim.learning_rate = 0.5
   config.optim.warmup_epochs = 5
   config.optim.arch_learning_rate = 6e-3

@@ -140,6 +140,9 @@ def train_config(space: str = 'darts') -> ml_collections.ConfigDict:
   c.optim.learning_rate = 0.025
   c.optim.learning_rate_min = 0.0
   c.optim.warmup_epochs = 0
+  # 'cosine' only: 'jaxnas' epoch e at eta(e); 'reference' at eta(e + 1), as the
+  # reference's scheduler.step() at each epoch's top (the reference configs' choice).
+  c.optim.lr_timing = 'jaxnas'
   c.optim.momentum = 0.9
   c.optim.nesterov = False
   c.optim.weight_decay = 3e-4

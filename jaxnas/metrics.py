@@ -75,7 +75,10 @@ class Progress:
     if not np.isnan(metrics.get('val_loss', np.nan)):
       parts += [f"arch-batch loss {metrics['val_loss']:.4f}"]
     if 'num_samples' in metrics:  # PARSEC / FP-NAS: architectures sampled, their entropy
-      parts += [f"K {metrics['num_samples']:.0f} (entropy {metrics['entropy']:.1f})"]
+      phase = ''  # coarse-to-fine: which distribution the samples come from
+      if 'fine' in metrics:
+        phase = ', joint' if metrics['fine'] else ', factorized'
+      parts += [f"K {metrics['num_samples']:.0f} (entropy {metrics['entropy']:.1f}{phase})"]
     parts += [f'{images_per_s:.1f} img/s', f'ETA {format_seconds(eta)}']
     text = ' | '.join(parts)
     print(text, file=self.stream, flush=True)

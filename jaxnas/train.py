@@ -87,6 +87,8 @@ def validate_config(config: ml_collections.ConfigDict):
   space.validate(m, summary_lib.input_spec(config)[0], fail)
   if o.schedule not in SCHEDULES:
     fail('optim.schedule', f'is {o.schedule!r}; choose one of {SCHEDULES}.')
+  if o.lr_timing not in ('jaxnas', 'reference'):
+    fail('optim.lr_timing', f"is {o.lr_timing!r}; choose 'jaxnas' or 'reference'.")
   if o.learning_rate <= 0 or o.learning_rate_min < 0:
     fail('optim.learning_rate', 'must be positive (and optim.learning_rate_min >= 0).')
   if o.warmup_epochs < 0 or o.steps_per_epoch < 0:
@@ -159,18 +161,21 @@ def lr_schedule(config, steps_per_epoch: int):
   """Per-epoch learning rate, as the reference sets it at each epoch's start.
 
   'cosine': cosine from learning_rate to learning_rate_min over the epochs (DARTS,
-  PC-DARTS CIFAR). 'linear': PC-DARTS ImageNet's linear decay to 0, with a gentler slope
-  over the last 5 epochs. Both are multiplied by (epoch + 1) / warmup_epochs during the
-  warm-up epochs.
+  PC-DARTS CIFAR); with ``optim.lr_timing`` 'reference' epoch e trains at the cosine's
+  value at e + 1, as the reference's scheduler.step() at the top of each epoch sets it.
+  'linear': PC-DARTS ImageNet's linear decay to 0, with a gentler slope over the last 5
+  epochs (the reference sets it from the epoch itself: no shift). Both are multiplied by
+  (epoch + 1) / warmup_epochs during the warm-up epochs.
   """
   o = config.optim
   E = o.epochs
+  shift = 1 if o.get('lr_timing', 'jaxnas') == 'reference' else 0
 
   def schedule(count):
     epoch = (count // steps_per_epoch).astype(jnp.float32)
     if o.schedule == 'cosine':
       lr = o.learning_rate_min + 0.5 * (o.learning_rate - o.learning_rate_min) * (
-          1 + jnp.cos(jnp.pi * epoch / E))
+          1 + jnp.cos(jnp.pi * (epoch + shift) / E))
     else:
       body = max(E - 5, 1)
       lr = jnp.where(E - epoch > 5, o.learning_rate * (body - epoch) / body,

@@ -298,7 +298,30 @@ def check_train_step(idx_dir, workdir) -> dict:
           'params_diff': max_diff(one.params, eight.params),
           'batch_stats_diff': max_diff(one.batch_stats, eight.batch_stats),
           'loss_1': m_one['train_total_loss'], 'loss_8': m_eight['train_total_loss'],
-          **check_atomnas(idx_dir, workdir)}
+          **check_atomnas(idx_dir, workdir), **check_fpnas_search(idx_dir, workdir)}
+
+
+def check_fpnas_search(idx_dir, workdir) -> dict:
+  """FP-NAS's whole search (a warm-up epoch, then K = ceil(H / 4) sampled architectures
+  per step, importance-weighted weight and arch steps) through the shared loop on 8
+  devices and on 1."""
+  from test_fpnas import tiny_config as fpnas_tiny_config  # pylint: disable=g-import-not-at-top
+  out, arch = {}, {}
+  for n in (8, 1):
+    config = fpnas_tiny_config(adaptive=True)
+    config.data.update(name='fashion_mnist', source='idx', data_dir=idx_dir,
+                       max_examples=None)
+    config.optim.update(batch_size=8, epochs=2, steps_per_epoch=3, warmup_epochs=1)
+    config.compilation_cache_dir = os.path.join(workdir, 'xla_cache')
+    config.parallel.num_devices = n
+    result = search.run_search(config, os.path.join(workdir, f'fpnas_{n}'))
+    arch[n] = dict(np.load(os.path.join(workdir, f'fpnas_{n}', 'arch.npz')))
+    out[f'fpnas_{n}_genotype'] = genotypes.to_json(result['genotype'])
+    out[f'fpnas_{n}_samples_drawn'] = result['samples_drawn']
+    out[f'fpnas_{n}_arch_split_loss'] = result['arch_split_loss']
+  out['fpnas_search_arch_diff'] = max_diff(arch[8], arch[1])
+  out['fpnas_search_arch_moved'] = max_diff(arch[8], jax.tree.map(np.zeros_like, arch[8]))
+  return out
 
 
 def check_atomnas(idx_dir, workdir) -> dict:

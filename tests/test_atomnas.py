@@ -144,12 +144,12 @@ def test_removing_atoms_with_zero_scale_keeps_the_outputs():
       'kernel'].shape == (3, 3, 1, 5)
   big_model = A.AtomNet(ARCH, NUM_CLASSES, impl='xla')
   small_model = A.AtomNet(small, NUM_CLASSES, impl='xla')
-  for train in (False, True):
-    apply = lambda m, p, s: m.apply({'params': p, 'batch_stats': s}, X, train=train,  # noqa: E731
-                                    mutable=['batch_stats'] if train else False)
+  for train_mode in (False, True):
+    apply = lambda m, p, s: m.apply({'params': p, 'batch_stats': s}, X, train=train_mode,  # noqa: E731
+                                    mutable=['batch_stats'] if train_mode else False)
     big, small_out = apply(big_model, params, v['batch_stats']), apply(
         small_model, new_params, new_stats)
-    if train:
+    if train_mode:
       big, small_out = big[0], small_out[0]
     np.testing.assert_allclose(small_out[0], big[0], rtol=1e-5, atol=1e-5)
   # Without the running-mean correction the eval outputs would move.

@@ -209,16 +209,25 @@ def test_unknown_genotype_name_is_a_clear_error():
     train.validate_config(config)
 
 
+def _eta(e, lr=0.025, epochs=600):
+  return lr * 0.5 * (1 + np.cos(np.pi * e / epochs))
+
+
+# eval_cifar runs the reference's timing: epoch e at the cosine's eta(e + 1), 0 at the end.
 @pytest.mark.parametrize('schedule,epoch,expected', [
-    ('cosine', 0, 0.025), ('cosine', 300, 0.0125), ('cosine', 500, 0.025 * 0.5 * (
-        1 + np.cos(np.pi * 500 / 600))),
+    ('cosine', 0, _eta(1)), ('cosine', 299, 0.0125), ('cosine', 500, _eta(501)),
+    ('cosine', 599, 0.0),
     ('linear', 0, 0.5 / 5), ('linear', 4, 0.5 * (245 - 4) / 245),
     ('linear', 100, 0.5 * 145 / 245), ('linear', 247, 0.5 * 3 / (245 * 5)),
 ])
 def test_learning_rate_schedules(schedule, epoch, expected):
   config = eval_imagenet.get_config() if schedule == 'linear' else eval_cifar.get_config()
   lr = train.lr_schedule(config, steps_per_epoch=10)(jnp.int32(epoch * 10 + 3))
-  np.testing.assert_allclose(float(lr), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(lr), expected, rtol=1e-5, atol=1e-9)
+  if schedule == 'cosine':  # jaxnas's timing: eta(e)
+    config.optim.lr_timing = 'jaxnas'
+    lr = train.lr_schedule(config, steps_per_epoch=10)(jnp.int32(epoch * 10 + 3))
+    np.testing.assert_allclose(float(lr), _eta(epoch), rtol=1e-5, atol=1e-9)
 
 
 def test_eval_primitives_have_affine_bn_and_no_pool_bn():

@@ -381,7 +381,8 @@ def test_coarse_to_fine_needs_a_factorized_space():
 
 
 @pytest.mark.parametrize('name', ['parsec_cifar', 'fpnas_cifar', 'fpnas_imagenet',
-                                  'parsec_fashion_mnist', 'fpnas_fashion_mnist'])
+                                  'parsec_fashion_mnist', 'fpnas_fashion_mnist',
+                                  'fpnas_fbnet_fashion_mnist'])
 def test_every_config_and_its_smoke_variant_validates(name):
   import importlib  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f'configs.{name}')

@@ -366,3 +366,30 @@ def test_cli_missing_config_file_is_one_clear_line(tmp_path):
   out = run_main('--config=configs/no_such_config.py', f'--workdir={tmp_path}')
   assert out.returncode == 1 and 'Traceback' not in out.stderr
   assert 'no_such_config.py' in out.stderr
+
+
+def test_reference_configs_run_the_reference_learning_rate_timing():
+  """PC-DARTS's train_search.py calls scheduler.step() at the top of each epoch, so
+  epoch e trains at eta(e + 1): 0.099901 at epoch 0 and 0 at epoch 49 of 50 (lr 0.1,
+  min 0); the ImageNet search warms up at eta(e + 1) (e + 1) / 5."""
+  from configs import pcdarts_cifar, pcdarts_imagenet  # pylint: disable=g-import-not-at-top
+  config = pcdarts_cifar.get_config()
+  assert config.optim.lr_timing == 'reference'
+  schedule = darts_method.lr_schedule(config, steps_per_epoch=7)
+  lrs = np.array([float(schedule(jnp.int32(7 * e + 6))) for e in range(50)])
+  eta = lambda e, top: top * 0.5 * (1 + np.cos(np.pi * e / 50))  # noqa: E731
+  np.testing.assert_allclose(lrs, [eta(e + 1, 0.1) for e in range(50)], rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(lrs[[0, 49]], [0.099901, 0.0], atol=1e-6)
+  config.optim.lr_timing = 'jaxnas'
+  schedule = darts_method.lr_schedule(config, steps_per_epoch=7)
+  np.testing.assert_allclose([float(schedule(jnp.int32(7 * e))) for e in (0, 49)],
+                             [0.1, eta(49, 0.1)], rtol=1e-5)
+  config = pcdarts_imagenet.get_config()
+  top, warm = config.optim.learning_rate, config.optim.warmup_epochs
+  schedule = darts_method.lr_schedule(config, steps_per_epoch=7)
+  np.testing.assert_allclose(
+      [float(schedule(jnp.int32(7 * e))) for e in range(8)],
+      [eta(e + 1, top) * ((e + 1) / warm if e < warm else 1) for e in range(8)], rtol=1e-5)
+  config.optim.lr_timing = 'nope'
+  with pytest.raises(search.ConfigError, match='config.optim.lr_timing'):
+    search.validate_config(config)

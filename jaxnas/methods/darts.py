@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.learning_rate = 0.025
   c.optim.learning_rate_min = 0.001
   c.optim.warmup_epochs = 0
+  # 'jaxnas': epoch e trains at eta(e); 'reference': at eta(e + 1), as the reference's
+  # scheduler.step() at the top of each epoch sets it (the reference configs' choice).
+  c.optim.lr_timing = 'jaxnas'
   c.optim.momentum = 0.9
   c.optim.weight_decay = 3e-4
   c.optim.grad_clip = 5.0
@@ -102,16 +105,30 @@ def unrolled_arch_grad(loss_fn, params, arch, batch_stats, train_batch, val_batc
   return jax.value_and_grad(val_loss, has_aux=True)(arch)
 
 
+LR_TIMINGS = ('jaxnas', 'reference')
+
+
 def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """The reference's per-epoch schedule: linear warm-up, then cosine to the minimum."""
+  """The per-epoch schedule: linear warm-up, then cosine to the minimum.
+
+  ``optim.lr_timing`` 'jaxnas': epoch e trains at eta(e) = min + (max - min) (1 +
+  cos(pi e / E)) / 2, warm-up epochs at max (e + 1) / W. 'reference': as the reference
+  code, whose ``scheduler.step()`` runs at the top of each epoch (PyTorch before 1.1
+  counts it first), so epoch e trains at eta(e + 1) (with max 0.1 and min 0 over 50
+  epochs: 0.099901 at epoch 0, 0 at epoch 49), warm-up epochs at eta(e + 1) (e + 1) / W.
+  (The reference also clips gradients by max_norm / (norm + 1e-6); optax's
+  clip_by_global_norm divides by the norm alone.)
+  """
   o = config.optim
+  shift = 1 if o.get('lr_timing', 'jaxnas') == 'reference' else 0
 
   def schedule(count):
     epoch = (count // steps_per_epoch).astype(jnp.float32)
     cosine = o.learning_rate_min + 0.5 * (o.learning_rate - o.learning_rate_min) * (
-        1 + jnp.cos(jnp.pi * epoch / o.epochs))
+        1 + jnp.cos(jnp.pi * (epoch + shift) / o.epochs))
     if o.warmup_epochs:
-      warm = o.learning_rate * (epoch + 1) / o.warmup_epochs
+      peak = cosine if shift else o.learning_rate
+      warm = peak * (epoch + 1) / o.warmup_epochs
       return jnp.where(epoch < o.warmup_epochs, warm, cosine)
     return cosine
 
@@ -153,6 +170,8 @@ class Bilevel(base.Method):
       fail('optim.arch_warmup_epochs', 'and optim.warmup_epochs must be >= 0.')
     if o.learning_rate <= 0 or o.arch_learning_rate < 0:
       fail('optim.learning_rate', 'must be positive (and optim.arch_learning_rate >= 0).')
+    if o.lr_timing not in LR_TIMINGS:
+      fail('optim.lr_timing', f'is {o.lr_timing!r}; choose one of {LR_TIMINGS}.')
 
   def build_model(self, config, num_classes, num_devices=1):
     """The supernet; ``num_devices`` is the mesh size, used by per-device BatchNorm."""

@@ -608,8 +608,9 @@ class Parsec(base.Method):
       metrics = {'train_loss': ce_sum / n, 'train_acc': correct_sum / n,
                  'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step),
                  'num_samples': k_active.astype(jnp.float32),
-                 'entropy': entropy_of(state.arch, fine), 'train_ess': effective_sample_size(v),
-                 'fine': jnp.asarray(fine, jnp.float32)}
+                 'entropy': entropy_of(state.arch, fine), 'train_ess': effective_sample_size(v)}
+      if config.fpnas.switch_epoch:  # coarse-to-fine: 1 once the joint has taken over
+        metrics['fine'] = jnp.asarray(fine, jnp.float32)
       if space.multiply_adds is not None:
         flops = space.multiply_adds(m, choices, image_shape, num_classes)
         metrics['mflops'] = jnp.sum(jnp.where(active, flops, 0)) / k_active / 1e6
