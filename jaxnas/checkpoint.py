@@ -1,7 +1,10 @@
-"""Orbax checkpoints of the whole search state, and the workdir's resolved config."""
+"""Orbax checkpoints of the whole search state, the workdir's resolved config, and the
+lock that keeps two runs out of one workdir."""
 
+import fcntl
 import json
 import os
+import socket
 
 import jax
 import orbax.checkpoint as ocp
@@ -17,6 +20,34 @@ class WorkdirError(ValueError):
 _RESUMABLE_FIELDS = ('log_every_steps', 'checkpoint_every_steps', 'checkpoints_to_keep',
                      'compilation_cache_dir', 'compile_mode', 'eval_batch_size',
                      'parallel.num_devices', 'parallel.multi_host')
+
+
+# Locks this process holds, by workdir: a run resumed in the same process keeps its lock.
+_LOCKS = {}
+
+
+def lock_workdir(workdir: str) -> None:
+  """Takes the workdir's lock for this process (one file per JAX process, so the
+  processes of one multi-host run do not exclude each other), or raises WorkdirError
+  naming the process that holds it. The operating system drops the lock when its
+  process ends, however it ends, so a killed run never leaves a stale one."""
+  path = os.path.join(os.path.abspath(workdir), f'.lock-{jax.process_index()}')
+  if path in _LOCKS:
+    return
+  handle = open(path, 'a+')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.seek(0)
+    holder = handle.read().strip() or 'another process'
+    handle.close()
+    raise WorkdirError(f'{workdir} is in use by {holder} (lock {path}); wait for that run '
+                       'to end, stop it, or use another --workdir.') from None
+  handle.seek(0)
+  handle.truncate()
+  handle.write(f'process {os.getpid()} on {socket.gethostname()}')
+  handle.flush()
+  _LOCKS[path] = handle
 
 
 def manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:

@@ -6,6 +6,9 @@ Both loops import this module; neither imports the other.
 
 from concurrent import futures
 import os
+import signal
+import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +109,50 @@ def save_if_finite(manager, step: int, state, checked, what: str, workdir: str) 
         f'The {what} became NaN/inf at step {step}; stopped without saving, so the last '
         f'checkpoint in {workdir} is the last good state.')
   ckpt_lib.save(manager, step, state)
+
+
+class StopRequest:
+  """SIGTERM and SIGINT (Ctrl-C) as a request that a loop sees between steps, so a run
+  stops with a checkpoint of the step it finished rather than wherever the signal
+  lands. A second signal of the same kind acts at once (its previous handler). On any
+  thread but the main one (where Python cannot install handlers) it does nothing."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:  # asked twice: the default action, now
+      signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+      os.kill(os.getpid(), signum)
+      return
+    self.signum = signum
+    print(f'{signal.Signals(signum).name} received: stopping after this step with a '
+          'checkpoint (send it again to stop at once).', file=sys.stderr, flush=True)
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
+
+  def finish(self, manager, step: int, workdir: str, save) -> dict:
+    """Checkpoints step ``step`` (``save()``, unless that step is saved already), waits
+    for the write and says how to resume; returns the loop's result."""
+    if manager.latest_step() != step:
+      save()
+    manager.wait_until_finished()
+    name = signal.Signals(self.signum).name
+    print(f'Stopped by {name} after step {step}; the checkpoint of that step is in '
+          f'{os.path.join(workdir, "checkpoints")}. Run the same command to resume.',
+          flush=True)
+    return {'stopped_at_step': step, 'signal': name, 'exit_code': 128 + self.signum}

@@ -69,15 +69,22 @@ def main(argv):
     print(f'jaxnas: error: cannot load the --config file ({_lines(e)[-1]}).', file=sys.stderr)
     sys.exit(1)
   try:
+    result = None
     if _DRY_RUN.value:
       dry_run(config, _WORKDIR.value)
     elif config.method == 'train':
-      train.run_train(config, _WORKDIR.value)
+      result = train.run_train(config, _WORKDIR.value)
     else:
-      search.run_search(config, _WORKDIR.value)
+      result = search.run_search(config, _WORKDIR.value)
   except USER_ERRORS as e:
     print(f'jaxnas: error: {e}', file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:  # Ctrl-C before the loop's first step (the loop stops cleanly)
+    print(f'jaxnas: interrupted before the first step; the checkpoints in {_WORKDIR.value} '
+          'are as they were.', file=sys.stderr)
+    sys.exit(130)
+  if result and 'exit_code' in result:  # stopped by a signal, with a checkpoint
+    sys.exit(result['exit_code'])
 
 
 def parse_flags(argv):

@@ -7,6 +7,7 @@ outputs. What a step computes and how the final architecture is derived belong t
 method named by ``config.method``.
 """
 
+import functools
 import json
 import os
 import time
@@ -204,6 +205,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   validate_config(config)
   check_data(config)
   os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.lock_workdir(workdir)  # one run per workdir at a time
   ckpt_lib.check_workdir_config(workdir, config)
   model_summary = method.summary(config)
   summary_lib.write_summary(workdir, {'model': model_summary})
@@ -278,7 +280,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   # --- loop
   epoch_sums, epoch_t0 = {}, time.perf_counter()
   with metrics_lib.MetricWriter(workdir) as writer, \
-       batches.iterate(start_step, total_steps - start_step) as stream:
+       batches.iterate(start_step, total_steps - start_step) as stream, \
+       common.StopRequest() as stop:
     writer.write(start_step, {'compile_s': compile_s}, kind='compile')
     for step in range(start_step + 1, total_steps + 1):
       if stop_at_step is not None and step > stop_at_step:
@@ -324,9 +327,12 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
               f'{metrics_lib.format_seconds(epoch_time)}\n   genotype '
               f'{method.format(config, architecture)}', flush=True)
         epoch_sums, epoch_t0 = {}, time.perf_counter()
+      save = functools.partial(common.save_if_finite, manager, step, state,
+                               (state.params, state.arch), 'weights or arch params', workdir)
       if epoch_end or step % config.checkpoint_every_steps == 0:
-        common.save_if_finite(manager, step, state, (state.params, state.arch),
-                       'weights or arch params', workdir)
+        save()
+      if stop.requested:  # SIGTERM / Ctrl-C: this step's checkpoint, then out
+        return stop.finish(manager, step, workdir, save)
 
   manager.wait_until_finished()
   arch = arch_arrays(state)

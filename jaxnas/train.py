@@ -331,6 +331,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   for split in ('train', 'test'):
     common.check_data(config, split)
   os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.lock_workdir(workdir)  # one run per workdir at a time
   ckpt_lib.check_workdir_config(workdir, config)
   common.setup_compilation_cache(config.compilation_cache_dir)
   o = config.optim
@@ -399,7 +400,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
 
   # --- loop
   with metrics_lib.MetricWriter(workdir) as writer, \
-       batches.iterate(start_step, total_steps - start_step) as stream:
+       batches.iterate(start_step, total_steps - start_step) as stream, \
+       common.StopRequest() as stop:
     writer.write(start_step, {'compile_s': compile_s}, kind='compile')
     for step in range(start_step + 1, total_steps + 1):
       if stop_at_step is not None and step > stop_at_step:
@@ -443,8 +445,12 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
               f'{" (best)" if is_best else ""} | '
               f'{metrics_lib.format_seconds(epoch_result["epoch_time_s"])}', flush=True)
         epoch_sums, epoch_t0 = {}, time.perf_counter()
+      save = functools.partial(common.save_if_finite, manager, step, state, state.params,
+                               'weights', workdir)
       if epoch_end or step % config.checkpoint_every_steps == 0:
-        common.save_if_finite(manager, step, state, state.params, 'weights', workdir)
+        save()
+      if stop.requested:  # SIGTERM / Ctrl-C: this step's checkpoint, then out
+        return stop.finish(manager, step, workdir, save)
 
   manager.wait_until_finished()
   if not epoch_result:  # resumed a finished run: score the final state again

@@ -393,3 +393,66 @@ def test_reference_configs_run_the_reference_learning_rate_timing():
   config.optim.lr_timing = 'nope'
   with pytest.raises(search.ConfigError, match='config.optim.lr_timing'):
     search.validate_config(config)
+
+
+def test_a_workdir_in_use_by_another_run_is_refused_in_one_line(tmp_path):
+  """Another process holds the workdir's lock: the CLI stops in one line naming it,
+  before writing anything; once that process has ended (here: killed) the lock is free."""
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from jaxnas import checkpoint; '
+       'checkpoint.lock_workdir(sys.argv[1]); print("locked", flush=True); time.sleep(120)',
+       workdir], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), stdout=subprocess.PIPE,
+      text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    out = run_main('--config=configs/pcdarts_fashion_mnist.py:smoke', f'--workdir={workdir}')
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
+    assert f'is in use by process {holder.pid} on' in lines[0] and '--workdir' in lines[0]
+    assert sorted(os.listdir(workdir)) == ['.lock-0']  # nothing written
+  finally:
+    holder.kill()
+    holder.wait()
+  from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint.lock_workdir(workdir)  # free again after the holder's end
+
+
+def test_sigterm_and_ctrl_c_stop_with_a_checkpoint_and_say_how_to_resume(tmp_path):
+  """SIGTERM after a few steps: the run checkpoints the step it finished and exits 143
+  with a message; the same command resumes from that step, and Ctrl-C (SIGINT) there
+  stops it the same way (exit 130)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  args = [sys.executable, '-m', 'jaxnas.main', '--config=configs/pcdarts_fashion_mnist.py:smoke',
+          f'--workdir={workdir}', '--config.optim.epochs=40', '--config.checkpoint_every_steps=50',
+          f'--config.compilation_cache_dir={tmp_path / "cache"}']
+
+  def run_until(marker, signum):
+    """Runs the command; sends ``signum`` at the first progress line after ``marker``."""
+    proc = subprocess.Popen(args, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, seen = [], False
+    for line in proc.stdout:
+      lines.append(line)
+      seen = seen or marker in line
+      if seen and line.startswith('epoch '):
+        proc.send_signal(signum)
+        break
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, ''.join(lines) + out, err
+
+  code, out, err = run_until('step 1/3', signal.SIGTERM)
+  assert code == 128 + signal.SIGTERM, err[-2000:]
+  assert 'SIGTERM received' in err and 'Traceback' not in err
+  stopped = [line for line in out.splitlines() if line.startswith('Stopped by SIGTERM')]
+  assert len(stopped) == 1 and 'Run the same command to resume' in stopped[0]
+  step = int(stopped[0].split('after step ')[1].split(';')[0])
+  assert step >= 1 and step % 50  # not a regular checkpoint step: saved for the stop
+  assert str(step) in os.listdir(os.path.join(workdir, 'checkpoints'))
+
+  code, out, err = run_until(f'Resuming from step {step}', signal.SIGINT)
+  assert code == 128 + signal.SIGINT, err[-2000:]
+  assert 'Stopped by SIGINT after step' in out and 'Traceback' not in err

@@ -480,6 +480,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   for split in ('train', 'test'):
     common.check_data(config, split)
   os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.lock_workdir(workdir)  # one run per workdir at a time
   ckpt_lib.check_workdir_config(workdir, config)
   common.setup_compilation_cache(config.compilation_cache_dir)
   o, a = config.optim, config.atomnas
@@ -570,7 +571,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   images, epoch_result = 0, {}
   epoch_sums, epoch_t0 = {}, time.perf_counter()
   with metrics_lib.MetricWriter(workdir) as writer, \
-       batches.iterate(start_step, total_steps - start_step) as stream:
+       batches.iterate(start_step, total_steps - start_step) as stream, \
+       common.StopRequest() as stop:
     writer.write(start_step, {'compile_s': compile_s}, kind='compile')
     for step in range(start_step + 1, total_steps + 1):
       if stop_at_step is not None and step > stop_at_step:
@@ -659,8 +661,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
           save_model(os.path.join(workdir, export.EXPORT_DIR, 'last'), state.ema_params,
                      stats, genotype=arch, **epoch_result)
         epoch_sums, epoch_t0 = {}, time.perf_counter()
+      save = functools.partial(save_checkpoint, manager, step, state, arch, workdir)
       if epoch_end or step % config.checkpoint_every_steps == 0:
-        save_checkpoint(manager, step, state, arch, workdir)
+        save()
+      if stop.requested:  # SIGTERM / Ctrl-C: this step's checkpoint, then out
+        return stop.finish(manager, step, workdir, save)
 
   manager.wait_until_finished()
   path = write_architecture(workdir, arch, step=total_steps)
