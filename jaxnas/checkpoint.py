@@ -9,6 +9,8 @@ import socket
 import jax
 import orbax.checkpoint as ocp
 
+from jaxnas import files
+
 CONFIG_FILE = 'config.json'
 
 
@@ -111,5 +113,4 @@ def _diff(a, b, prefix=''):
 
 
 def write_config(workdir: str, config) -> None:
-  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  files.write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))

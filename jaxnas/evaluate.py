@@ -7,7 +7,6 @@ export directory. The dataset is the one the model was trained on (``--data_dir`
 elsewhere). Prints the accuracies and writes them to ``<model dir>/eval_<split>.json``.
 """
 
-import json
 import os
 import sys
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from jaxnas import data as data_lib
 from jaxnas import export
+from jaxnas import files
 from jaxnas import train
 
 _MODEL = flags.DEFINE_string('model', None, 'Training workdir or export directory.')
@@ -61,8 +61,7 @@ def main(argv):
         f'top-1 {100 * result["top1"]:.2f}%, top-5 {100 * result["top5"]:.2f}%, '
         f'loss {result["loss"]:.4f}')
   path = os.path.join(directory, f'eval_{_SPLIT.value}.json')
-  with open(path, 'w') as f:
-    json.dump(result, f, indent=2)
+  files.write_json(path, result)
   print(f'Wrote {path}.')
 
 

@@ -18,6 +18,8 @@ import operator
 import os
 from typing import Any, Mapping
 
+from jaxnas import files
+
 # Reference order (DARTS / PC-DARTS `genotypes.py`); alphas' last axis follows it.
 PRIMITIVES = (
     'none',
@@ -284,16 +286,8 @@ def save(genotype, path, **extra) -> str:
     path = os.path.join(path, GENOTYPE_FILE)
   data = to_json(genotype)
   data.update(extra)
-  text = json.dumps(data, indent=2, default=_json_default)
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  # Write-then-rename: a reader polling a live search never sees a partial file.
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text + '\n')
-  os.replace(tmp, path)
-  return path
+  # Replaced whole: a reader polling a live search never sees a partial file.
+  return files.write_json(path, data, default=_json_default)
 
 
 def _read_json_file(path: str) -> Genotype:

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnas import files
+
 FORMAT = 'jaxnas.latency/1'
 
 
@@ -277,8 +279,7 @@ def save(surrogate: Surrogate, path):
       'n_holdout': int(surrogate.n_holdout),
       'ridge': float(surrogate.ridge),
   }
-  with open(path, 'w') as f:
-    json.dump(doc, f, indent=1)
+  files.write_json(path, doc, indent=1)
 
 
 def load(path, shapes=None) -> Surrogate:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnas import data as data_lib
+from jaxnas import files
 from jaxnas import flops
 from jaxnas.spaces import darts_eval
 
@@ -74,10 +75,4 @@ def holds_result(workdir: str) -> bool:
 
 
 def write_summary(workdir: str, summary: dict) -> str:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, SUMMARY_FILE)
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(summary, f, indent=2)
-  os.replace(tmp, path)
-  return path
+  return files.write_json(os.path.join(workdir, SUMMARY_FILE), summary)

@@ -17,12 +17,13 @@ graphviz or matplotlib. Both share one layout:
 
 import dataclasses
 import math
-import os
 import zlib
 from typing import Callable, Optional, Sequence
 from xml.sax.saxutils import escape
 
 import numpy as np
+
+from jaxnas import files
 
 # Text sizes in layout units (SVG pixels; the PNG is drawn at `scale` times this).
 _NODE_FONT = 14
@@ -410,13 +411,7 @@ def genotype_svg(genotype) -> str:
 
 def save_genotype_svg(genotype, path) -> str:
   """Writes `genotype_svg(genotype)` to `path`; returns the path."""
-  path = os.fspath(path)
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  with open(path, 'w') as f:
-    f.write(genotype_svg(genotype))
-  return path
+  return files.write_text(path, genotype_svg(genotype))
 
 
 # ----------------------------------------------------------------------------
@@ -498,9 +493,4 @@ def save_genotype_png(genotype, path, *, scale: float = 2.0) -> str:
     _draw_cell(draw, layout, s, dy, fonts)
     dy += layout.height
   image = image.reduce(supersample)  # box filter: each pixel averages its 2x2 block
-  path = os.fspath(path)
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  image.save(path)
-  return path
+  return files.write_image(path, image)

@@ -57,6 +57,7 @@ from jaxnas import checkpoint as ckpt_lib
 from jaxnas import common
 from jaxnas import data as data_lib
 from jaxnas import export
+from jaxnas import files
 from jaxnas import host_memory
 from jaxnas import metrics as metrics_lib
 from jaxnas import parallel
@@ -407,11 +408,8 @@ def restore_checkpoint(manager, make_template):
 
 
 def write_architecture(workdir: str, arch, **info) -> str:
-  path = os.path.join(workdir, space.ARCHITECTURE_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump({'architecture': space.to_json(arch), **info}, f, indent=2)
-  os.replace(path + '.tmp', path)
-  return path
+  return files.write_json(os.path.join(workdir, space.ARCHITECTURE_FILE),
+                          {'architecture': space.to_json(arch), **info})
 
 
 # ----------------------------------------------------------------------------- method

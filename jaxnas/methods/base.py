@@ -19,6 +19,7 @@ import optax
 
 from jaxnas import base_config
 from jaxnas import common
+from jaxnas import files
 from jaxnas import parallel
 from jaxnas import summary as summary_lib
 from jaxnas.ops import depthwise
@@ -144,7 +145,7 @@ class Method:
     """Writes the final architecture and the arch params (and pictures) to ``workdir``;
     returns what it wrote, for the closing line of the run."""
     path = os.path.join(workdir, 'arch.npz')
-    np.savez(path, **arch)
+    files.write_npz(path, **arch)
     return f'arch params written to {path}'
 
 

@@ -14,10 +14,10 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from jaxnas import base_config
+from jaxnas import files
 from jaxnas import genotypes
 from jaxnas import partial_channels
 from jaxnas import spaces
@@ -306,7 +306,7 @@ def write_genotype_outputs(workdir, genotype, arch, **extra):
   """genotype.json (with the arch params and ``extra``), arch.npz and the cell pictures."""
   genotypes.save(genotype, os.path.join(workdir, genotypes.GENOTYPE_FILE),
                  **{k: v.tolist() for k, v in arch.items()}, **extra)
-  np.savez(os.path.join(workdir, 'arch.npz'), **arch)
+  files.write_npz(os.path.join(workdir, 'arch.npz'), **arch)
   visualize.save_genotype_svg(genotype, os.path.join(workdir, 'cells.svg'))
   visualize.save_genotype_png(genotype, os.path.join(workdir, 'cells.png'))
 

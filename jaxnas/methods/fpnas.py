@@ -69,7 +69,6 @@ only reinforces its own draw). Each step logs K, the entropy and the effective s
 size 1 / sum_k v_k^2.
 """
 
-import json
 import os
 
 import jax
@@ -79,6 +78,7 @@ import numpy as np
 import optax
 
 from jaxnas import base_config
+from jaxnas import files
 from jaxnas import genotypes
 from jaxnas import summary as summary_lib
 from jaxnas.methods import base
@@ -375,11 +375,10 @@ class FBNetSpace:
 
   def write_outputs(self, workdir, config, architecture, arch, **result):
     path = os.path.join(workdir, fbnet.ARCHITECTURE_FILE)
-    with open(path, 'w') as f:
-      json.dump({**fbnet.to_json(architecture), **result,
-                 'arch_logits': {k: np.asarray(v).tolist() for k, v in arch.items()}}, f,
-                indent=1)
-    np.savez(os.path.join(workdir, 'arch.npz'), **arch)
+    files.write_json(path, {**fbnet.to_json(architecture), **result,
+                            'arch_logits': {k: np.asarray(v).tolist() for k, v in arch.items()}},
+                     indent=1)
+    files.write_npz(os.path.join(workdir, 'arch.npz'), **arch)
     return f'architecture written to {path}'
 
   def multiply_adds(self, m, choices, image_shape, num_classes):

@@ -42,7 +42,6 @@ accuracy after each epoch is that of the most likely architecture (argmax of eve
 categorical), on the discrete path with the BatchNorm running statistics.
 """
 
-import json
 import os
 import time
 
@@ -54,6 +53,7 @@ import optax
 
 from jaxnas import base_config
 from jaxnas import estimators
+from jaxnas import files
 from jaxnas import flops
 from jaxnas import genotypes
 from jaxnas import latency as latency_lib
@@ -296,11 +296,10 @@ class Proxyless:
 
   def write_outputs(self, workdir, config, architecture, arch, **result):
     path = os.path.join(workdir, ARCHITECTURE_FILE)
-    with open(path, 'w') as f:
-      json.dump({**proxyless.to_json(architecture), **result,
-                 'arch_logits': {k: np.asarray(v).tolist() for k, v in arch.items()}}, f,
-                indent=1)
-    np.savez(os.path.join(workdir, 'arch.npz'), **arch)
+    files.write_json(path, {**proxyless.to_json(architecture), **result,
+                            'arch_logits': {k: np.asarray(v).tolist() for k, v in arch.items()}},
+                     indent=1)
+    files.write_npz(os.path.join(workdir, 'arch.npz'), **arch)
     return f'architecture written to {path}'
 
 
