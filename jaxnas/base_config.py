@@ -58,6 +58,11 @@ def parallel_config() -> ml_collections.ConfigDict:
   p.batch_norm = 'sync'    # 'sync': statistics over the global batch (as on one
                            # device) | 'per_device': per device, as PyTorch DataParallel
   p.multi_host = False     # True: jax.distributed.initialize() before the run
+  # Where the cluster environment (Cloud TPU, SLURM, Open MPI, Kubernetes) does not say:
+  # the coordinator's host:port, the process count and this process's id.
+  p.coordinator_address = ''  # '': detected (or the JAX_COORDINATOR_ADDRESS variable)
+  p.num_processes = 0         # 0: detected
+  p.process_id = -1           # -1: detected
   return p
 
 

@@ -4,7 +4,9 @@ lock that keeps two runs out of one workdir."""
 import fcntl
 import json
 import os
+import shutil
 import socket
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -21,7 +23,9 @@ class WorkdirError(ValueError):
 # ('section.field' for nested ones): a search may resume on another device count.
 _RESUMABLE_FIELDS = ('log_every_steps', 'checkpoint_every_steps', 'checkpoints_to_keep',
                      'compilation_cache_dir', 'compile_mode', 'eval_batch_size',
-                     'parallel.num_devices', 'parallel.multi_host')
+                     'parallel.num_devices', 'parallel.multi_host',
+                     'parallel.coordinator_address', 'parallel.num_processes',
+                     'parallel.process_id')
 
 
 # Locks this process holds, by workdir: a run resumed in the same process keeps its lock.
@@ -63,20 +67,64 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
   mngr.save(step, args=ocp.args.StandardSave(state))
 
 
+UNREADABLE_DIR = 'checkpoints-unreadable'
+
+
+def restore_newest(mngr: ocp.CheckpointManager, restore_step):
+  """``(restore_step(step), step)`` for the newest checkpoint that restores, or
+  ``(None, None)`` if there is none.
+
+  Checkpoints newer than that one which failed to restore (truncated or corrupted files)
+  are moved to ``WORKDIR/checkpoints-unreadable/STEP``, kept for inspection, with a
+  warning: a run resumes from its last good state. If none restores, WorkdirError says
+  so and nothing is moved.
+  """
+  directory = os.fspath(mngr.directory)
+  steps = sorted(mngr.all_steps(), reverse=True)
+  failed = []
+  for step in steps:
+    try:
+      restored = restore_step(step)
+    except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore, json, ...
+      failed.append((step, (str(e).strip().splitlines() or [type(e).__name__])[0][:300]))
+      continue
+    for bad, reason in failed:
+      aside = os.path.join(os.path.dirname(directory), UNREADABLE_DIR, str(bad))
+      if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(os.path.join(directory, str(bad)), aside)
+      print(f'jaxnas: warning: the checkpoint of step {bad} cannot be restored ({reason}); '
+            f'moved it to {aside} and resumed from step {step}.', file=sys.stderr,
+            flush=True)
+    if failed:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices('jaxnas: unreadable checkpoints moved aside')
+      mngr.reload()
+    return restored, step
+  if failed:
+    step, reason = failed[-1]
+    raise WorkdirError(
+        f'No checkpoint in {directory} can be restored (the oldest, step {step}: {reason}); '
+        'move the checkpoints directory away to start afresh.')
+  return None, None
+
+
 def restore_latest(mngr: ocp.CheckpointManager, state, sharding=None):
-  """(restored state, True) from the latest checkpoint, or (state, False) if none.
+  """(restored state, True) from the newest readable checkpoint (``restore_newest``), or
+  (state, False) if none.
 
   Each array is restored with ``sharding`` if given, else with the sharding of the
   matching leaf of ``state``: the current mesh's layout, whatever the device count of
   the run that wrote the checkpoint.
   """
-  step = mngr.latest_step()
-  if step is None:
-    return state, False
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(
           x.shape, x.dtype, sharding=x.sharding if sharding is None else sharding), state)
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract)), True
+  restored, step = restore_newest(
+      mngr, lambda step: mngr.restore(step, args=ocp.args.StandardRestore(abstract)))
+  return (state, False) if step is None else (restored, True)
 
 
 def _comparable(config_dict: dict, prefix: str = '') -> dict:
@@ -94,6 +142,9 @@ def check_workdir_config(workdir: str, config) -> None:
       old = json.load(f)
   except (OSError, ValueError) as e:
     raise WorkdirError(f'{path} is unreadable ({e}); move it away or use a new --workdir.') from e
+  if not isinstance(old, dict):
+    raise WorkdirError(f'{path} is not a config (a JSON object); move it away or use a new '
+                       '--workdir.')
   new = json.loads(config.to_json_best_effort())
   old_c, new_c = _comparable(old), _comparable(new)
   if old_c != new_c:

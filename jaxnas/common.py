@@ -22,6 +22,11 @@ class ConfigError(ValueError):
   """A config field has a value the run cannot use."""
 
 
+def config_fail(field: str, message: str):
+  """Raises ConfigError for ``config.FIELD MESSAGE``."""
+  raise ConfigError(f'config.{field} {message}')
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or inf."""
 
@@ -143,7 +148,9 @@ class StopRequest:
 
   @property
   def requested(self) -> bool:
-    return self.signum is not None
+    """Whether a signal came, to this process or (multi-process: a collective, asked by
+    every process after the same step) to any, so that all stop at one step."""
+    return parallel.any_process(self.signum is not None)
 
   def finish(self, manager, step: int, workdir: str, save) -> dict:
     """Checkpoints step ``step`` (``save()``, unless that step is saved already), waits
@@ -151,8 +158,9 @@ class StopRequest:
     if manager.latest_step() != step:
       save()
     manager.wait_until_finished()
-    name = signal.Signals(self.signum).name
+    name = signal.Signals(self.signum or signal.SIGTERM).name  # another process's signal
     print(f'Stopped by {name} after step {step}; the checkpoint of that step is in '
           f'{os.path.join(workdir, "checkpoints")}. Run the same command to resume.',
           flush=True)
-    return {'stopped_at_step': step, 'signal': name, 'exit_code': 128 + self.signum}
+    return {'stopped_at_step': step, 'signal': name,
+            'exit_code': 128 + (self.signum or signal.SIGTERM)}

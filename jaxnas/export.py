@@ -35,13 +35,19 @@ class ModelNotFoundError(FileNotFoundError):
 def save_model(path: str, params, batch_stats, *, genotype, config, num_classes: int,
                image_shape, mean, std, space: str = 'darts', **info) -> str:
   """Writes a model directory at ``path``, replacing an older one only once the new one
-  is complete (so a crash mid-write never loses the previous best model)."""
+  is complete (so a crash mid-write never loses the previous best model). In a
+  multi-process run process 0 writes it alone (the variables are replicated)."""
   path = os.path.abspath(path)
+  if jax.process_index() != 0:
+    return path
+  params, batch_stats = jax.device_get((params, batch_stats))
   tmp, old = f'{path}.tmp', f'{path}.old'
   for p in (tmp, old):
     shutil.rmtree(p, ignore_errors=True)
   os.makedirs(tmp)
-  checkpointer = ocp.StandardCheckpointer()
+  checkpointer = ocp.StandardCheckpointer(  # on this process alone
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=jax.process_index(), active_processes={jax.process_index()}))
   checkpointer.save(os.path.join(tmp, VARIABLES_DIR),
                     {'params': params, 'batch_stats': batch_stats})
   checkpointer.wait_until_finished()

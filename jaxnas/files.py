@@ -1,23 +1,41 @@
-"""Files a run writes, each replaced whole: written under a temporary name beside it, then
-renamed over it, so a reader, or a run killed mid-write, finds the old file or the new
-one and never a part of one."""
+"""Files a run writes, each replaced whole: written under a temporary name beside it,
+flushed to disk, then renamed over it, so a reader, or a run killed mid-write, finds the
+old file or the new one and never a part of one. In a multi-process run only process 0
+writes (the others hold the same values)."""
 
+import glob
 import io
 import json
 import os
 
+import jax
+from jax._src import xla_bridge  # backends_are_initialized: no public form
 import numpy as np
+
+
+def is_writer() -> bool:
+  """Whether this process writes files: in a multi-process run process 0 alone. Asking
+  starts no JAX backend (a script that plots a run's files must not take a GPU)."""
+  if not (jax.distributed.is_initialized() or xla_bridge.backends_are_initialized()):
+    return True
+  return jax.process_index() == 0
 
 
 def _replace(path, data: bytes) -> str:
   path = os.fspath(path)
+  if not is_writer():
+    return path
   parent = os.path.dirname(path)
   if parent:
     os.makedirs(parent, exist_ok=True)
   tmp = f'{path}.tmp{os.getpid()}'
+  for stale in glob.glob(glob.escape(path) + '.tmp*'):  # left by a killed run
+    os.remove(stale)
   try:
     with open(tmp, 'wb') as f:
       f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

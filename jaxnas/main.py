@@ -6,18 +6,21 @@ config alone, prints its summary (parameters, multiply-adds, genotype), writes i
 ``DIR/summary.json`` and exits.
 """
 
+import errno
 import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from jaxnas import checkpoint
 from jaxnas import data
 from jaxnas import genotypes
 from jaxnas import host_memory
+from jaxnas import parallel
 from jaxnas import search
 from jaxnas import summary as summary_lib
 from jaxnas import train
@@ -32,6 +35,29 @@ flags.mark_flags_as_required(['config', 'workdir'])
 USER_ERRORS = (search.ConfigError, search.NonFiniteLossError, data.DatasetNotFoundError,
                data.DataFileError, genotypes.GenotypeError, checkpoint.WorkdirError,
                summary_lib.UnknownDatasetError)
+
+
+# A full disk, a read-only file system, no permission, a quota.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+
+
+def out_of_memory_message(config, error: Exception) -> str:
+  """One sentence for XLA's RESOURCE_EXHAUSTED: what it could not allocate, the device's
+  memory, and the field to change."""
+  detail = next((line.strip() for line in str(error).splitlines()
+                 if 'RESOURCE_EXHAUSTED' in line), str(error).strip())
+  detail = detail.split('RESOURCE_EXHAUSTED:', 1)[-1].strip().rstrip('.')[:200]
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  memory = ''
+  if 'bytes_limit' in stats:
+    memory = (f', with {stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)) / 2**30:.1f}'
+              f' GiB at peak of {stats["bytes_limit"] / 2**30:.1f} GiB per device')
+  per_device = config.optim.batch_size // parallel.num_devices_in_use(
+      config.parallel.get('num_devices', 0))
+  return (f'the {device.platform.upper()} ran out of memory ({detail}{memory}); lower '
+          f'optim.batch_size (now {config.optim.batch_size}, {per_device} per device) or '
+          'spread it over more devices (parallel.num_devices).')
 
 
 def dry_run(config, workdir: str) -> dict:
@@ -78,6 +104,18 @@ def main(argv):
       result = search.run_search(config, _WORKDIR.value)
   except USER_ERRORS as e:
     print(f'jaxnas: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except OSError as e:
+    if e.errno not in WRITE_ERRNOS:
+      raise
+    print(f'jaxnas: error: cannot write {e.filename or _WORKDIR.value} ({e.strerror}); the '
+          f'checkpoints in {_WORKDIR.value} are as they were: free space or choose a writable '
+          '--workdir, then run the same command to resume.', file=sys.stderr)
+    sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    print(f'jaxnas: error: {out_of_memory_message(config, e)}', file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:  # Ctrl-C before the loop's first step (the loop stops cleanly)
     print(f'jaxnas: interrupted before the first step; the checkpoints in {_WORKDIR.value} '

@@ -7,11 +7,39 @@ import time
 
 import numpy as np
 
+from jaxnas import files
+
+
+def drop_after(path: str, step: int) -> None:
+  """Keeps the lines of the JSON-lines file ``path`` up to ``step`` (replaced whole): a
+  resumed run repeats the steps after its checkpoint, and a killed one may have left a
+  part of a line."""
+  if not files.is_writer() or not os.path.exists(path):
+    return
+  kept, dropped = [], False
+  with open(path) as f:
+    for line in f:
+      try:
+        keep = int(json.loads(line)['step']) <= step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      kept += [line] if keep else []
+      dropped = dropped or not keep
+  if dropped:
+    files.write_text(path, ''.join(kept))
+
 
 class MetricWriter:
-  """Writes scalars to ``metrics.jsonl`` and to TensorBoard event files in ``tb/``."""
+  """Writes scalars to ``metrics.jsonl`` and to TensorBoard event files in ``tb/``
+  (process 0 of a multi-process run; the others write nothing). ``start_step``: the
+  step a run resumes from; the lines after it are dropped first."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int | None = None):
+    self._jsonl = self._tb = None
+    if not files.is_writer():
+      return
+    if start_step is not None:
+      drop_after(os.path.join(workdir, 'metrics.jsonl'), start_step)
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     try:
       from tensorboardX import SummaryWriter
@@ -20,6 +48,8 @@ class MetricWriter:
       self._tb = None
 
   def write(self, step: int, scalars: dict, kind: str = 'train'):
+    if self._jsonl is None:
+      return
     scalars = {k: float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({'kind': kind, 'step': int(step), **scalars}) + '\n')
     self._jsonl.flush()
@@ -34,7 +64,8 @@ class MetricWriter:
     self.close()
 
   def close(self):
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 

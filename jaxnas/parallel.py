@@ -32,17 +32,38 @@ BATCH_NORM_MODES = ('sync', 'per_device')
 CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
 
 
-def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+def maybe_initialize_distributed(config: ml_collections.ConfigDict, fail=None) -> None:
   """Joins the multi-host job when ``config.parallel.multi_host`` is on.
 
   Call it first: ``jax.distributed.initialize`` fails once a device has been used. The
-  coordinator address, process count and process id come from the cluster environment
-  that ``jax.distributed`` detects (SLURM, Open MPI, Kubernetes, Cloud TPU).
+  coordinator address, process count and process id come from
+  ``parallel.coordinator_address`` / ``num_processes`` / ``process_id`` where set, else
+  from the cluster environment that ``jax.distributed`` detects (Cloud TPU, SLURM, Open
+  MPI, Kubernetes). ``fail(field, message)`` raises the caller's error for a bad field.
   """
-  parallel = config.get('parallel')
-  if parallel is not None and parallel.get('multi_host', False):
-    if not jax.distributed.is_initialized():
-      jax.distributed.initialize()
+  p = config.get('parallel')
+  if p is None or not p.get('multi_host', False) or jax.distributed.is_initialized():
+    return
+  address = p.get('coordinator_address', '') or None
+  count = p.get('num_processes', 0) or None
+  index = p.get('process_id', -1)
+  index = None if index is None or index < 0 else index
+  if count is not None and index is not None and not index < count:
+    message = f'= {index} must lie in [0, parallel.num_processes = {count}).'
+    if fail is None:
+      raise ValueError(f'config.parallel.process_id {message}')
+    fail('parallel.process_id', message)
+  jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                             process_id=index)
+
+
+def any_process(flag: bool) -> bool:
+  """``flag`` or'ed over all processes (a collective: every process calls it at the same
+  point); on one process, ``flag`` itself."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def check_config(config: ml_collections.ConfigDict, fail,

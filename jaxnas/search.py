@@ -20,6 +20,7 @@ import numpy as np
 from jaxnas import checkpoint as ckpt_lib
 from jaxnas import common
 from jaxnas import data as data_lib
+from jaxnas import files
 from jaxnas import host_memory
 from jaxnas import methods as methods_lib
 from jaxnas import metrics as metrics_lib
@@ -189,6 +190,16 @@ def arch_arrays(state: SearchState) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- loop
 
 
+def epoch_record(epoch: int, step: int, description: dict, arch) -> dict:
+  """A line of ``genotypes.jsonl``: the architecture's description and the arch params
+  side by side, or the description under ``architecture`` where a name is in both
+  (UNAS's ProxylessNAS space: ``ops``)."""
+  arrays = {k: np.asarray(v).tolist() for k, v in arch.items()}
+  if set(description) & set(arrays):
+    return {'epoch': epoch, 'step': step, 'architecture': description, **arrays}
+  return {'epoch': epoch, 'step': step, **description, **arrays}
+
+
 def run_search(config: ml_collections.ConfigDict, workdir: str,
                stop_at_step: int | None = None) -> dict:
   """Runs (or resumes) a search in ``workdir``; returns its final summary.
@@ -199,7 +210,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   method = method_of(config)
   if method.own_loop:  # a one-stage method (AtomNAS) runs a loop of its own
     return method.run(config, workdir, stop_at_step)
-  parallel.maybe_initialize_distributed(config)  # before anything touches the devices
+  parallel.maybe_initialize_distributed(config, common.config_fail)  # before anything touches the devices
   host_memory.map_large_allocations()  # a lower compile-time peak of host memory
   # --- checks: every user error surfaces here, before data loading or compilation.
   validate_config(config)
@@ -252,6 +263,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
   start_step = int(state.step)
   if resumed:
     print(f'Resuming from step {start_step} in {workdir}.', flush=True)
+  metrics_lib.drop_after(os.path.join(workdir, 'genotypes.jsonl'), start_step)
   ckpt_lib.write_config(workdir, config)
   # The method's own preparation (UNAS: a latency model measured on this backend); the
   # config it returns differs from the workdir's only in fields the method resolved.
@@ -279,7 +291,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
 
   # --- loop
   epoch_sums, epoch_t0 = {}, time.perf_counter()
-  with metrics_lib.MetricWriter(workdir) as writer, \
+  with metrics_lib.MetricWriter(workdir, start_step) as writer, \
        batches.iterate(start_step, total_steps - start_step) as stream, \
        common.StopRequest() as stop:
     writer.write(start_step, {'compile_s': compile_s}, kind='compile')
@@ -318,9 +330,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str,
                    'train_acc': means['train_acc'], 'arch_split_loss': held_out['loss'],
                    'arch_split_acc': held_out['accuracy'], 'epoch_time_s': epoch_time}
         writer.write(step, {k: v for k, v in summary.items() if k != 'step'}, kind='epoch')
-        with open(os.path.join(workdir, 'genotypes.jsonl'), 'a') as f:
-          f.write(json.dumps({'epoch': epoch, 'step': step, **method.to_json(architecture),
-                              **{k: v.tolist() for k, v in arch.items()}}) + '\n')
+        if files.is_writer():
+          with open(os.path.join(workdir, 'genotypes.jsonl'), 'a') as f:
+            f.write(json.dumps(epoch_record(epoch, step, method.to_json(architecture),
+                                            arch)) + '\n')
         print(f'== epoch {epoch}/{o.epochs}: train loss {means["train_loss"]:.4f} '
               f'acc {100 * means["train_acc"]:.2f}% | supernet on held-out arch split: loss '
               f'{held_out["loss"]:.4f} acc {100 * held_out["accuracy"]:.2f}% | '

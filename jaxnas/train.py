@@ -324,7 +324,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
               stop_at_step: int | None = None) -> dict:
   """Trains (or resumes training) the configured genotype in ``workdir``; returns the
   final summary. ``stop_at_step`` ends the run after that step, as an interruption."""
-  parallel.maybe_initialize_distributed(config)  # before anything touches the devices
+  parallel.maybe_initialize_distributed(config, common.config_fail)  # before anything touches the devices
   host_memory.map_large_allocations()  # a lower compile-time peak of host memory
   # --- checks: every user error surfaces here, before data loading or compilation.
   genotype = validate_config(config)
@@ -399,7 +399,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   epoch_sums, epoch_t0 = {}, time.perf_counter()
 
   # --- loop
-  with metrics_lib.MetricWriter(workdir) as writer, \
+  with metrics_lib.MetricWriter(workdir, start_step) as writer, \
        batches.iterate(start_step, total_steps - start_step) as stream, \
        common.StopRequest() as stop:
     writer.write(start_step, {'compile_s': compile_s}, kind='compile')

@@ -456,3 +456,15 @@ def test_sigterm_and_ctrl_c_stop_with_a_checkpoint_and_say_how_to_resume(tmp_pat
   code, out, err = run_until(f'Resuming from step {step}', signal.SIGINT)
   assert code == 128 + signal.SIGINT, err[-2000:]
   assert 'Stopped by SIGINT after step' in out and 'Traceback' not in err
+
+
+def test_an_epoch_record_keeps_the_description_and_the_arch_params_apart():
+  """genotypes.jsonl: the description beside the arch params, or under 'architecture'
+  where a name is in both (UNAS's ProxylessNAS space calls both 'ops')."""
+  record = search.epoch_record(2, 6, {'ops': ['mb3_k3', 'zero']}, {'ops': np.zeros((2, 3))})
+  assert record == {'epoch': 2, 'step': 6, 'architecture': {'ops': ['mb3_k3', 'zero']},
+                    'ops': [[0.0] * 3] * 2}
+  record = search.epoch_record(1, 3, {'normal': [['skip_connect', 0]]},
+                               {'alphas_normal': np.ones((1, 2))})
+  assert record == {'epoch': 1, 'step': 3, 'normal': [['skip_connect', 0]],
+                    'alphas_normal': [[1.0, 1.0]]}

@@ -395,16 +395,18 @@ def save_checkpoint(manager, step: int, state: AtomState, arch, workdir: str) ->
 
 
 def restore_checkpoint(manager, make_template):
-  """(state, architecture) of the latest checkpoint, or (None, None) if there is none;
+  """(state, architecture) of the newest readable checkpoint (``restore_newest``), or
+  (None, None) if there is none;
   ``make_template(arch)`` gives the abstract state (with shardings) of an architecture."""
-  step = manager.latest_step()
-  if step is None:
-    return None, None
-  arch = space.from_json(manager.restore(step, args=ocp.args.Composite(
-      architecture=ocp.args.JsonRestore()))['architecture'])
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(make_template(arch))))['state']
-  return state, arch
+  def restore(step):
+    arch = space.from_json(manager.restore(step, args=ocp.args.Composite(
+        architecture=ocp.args.JsonRestore()))['architecture'])
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(make_template(arch))))['state']
+    return state, arch
+
+  restored, step = ckpt_lib.restore_newest(manager, restore)
+  return (None, None) if step is None else restored
 
 
 def write_architecture(workdir: str, arch, **info) -> str:
@@ -468,7 +470,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         stop_at_step: int | None = None) -> dict:
   """Runs (or resumes) AtomNAS in ``workdir``; returns the final summary. ``stop_at_step``
   ends the run after that step, as an interruption."""
-  parallel.maybe_initialize_distributed(config)
+  parallel.maybe_initialize_distributed(config, common.config_fail)
   host_memory.map_large_allocations()
 
   def fail(field, msg):
@@ -568,7 +570,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step)
   images, epoch_result = 0, {}
   epoch_sums, epoch_t0 = {}, time.perf_counter()
-  with metrics_lib.MetricWriter(workdir) as writer, \
+  with metrics_lib.MetricWriter(workdir, start_step) as writer, \
        batches.iterate(start_step, total_steps - start_step) as stream, \
        common.StopRequest() as stop:
     writer.write(start_step, {'compile_s': compile_s}, kind='compile')
