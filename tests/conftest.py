@@ -1,4 +1,4 @@
-"""Shared helpers for the supernet tests.
+"""Shared helpers for the supernet tests, and the order of the test files.
 
 `random_variables` builds a module's variables from `jax.eval_shape` and fills them
 with numpy random numbers. On CPU a Flax `init` of a supernet compiles one random
@@ -39,3 +39,16 @@ def random_variables():
     return _fill(dict(shapes), seed, scale)
 
   return make
+
+
+# The slowest files first (about 3 to 6 minutes each on 2 cores): with one file per
+# worker (setup.cfg's --dist loadfile), a long file started last would run alone at the
+# end. The rest keep their order.
+SLOW_FIRST = ('test_parallel_search.py', 'test_distributed_and_faults.py', 'test_search.py',
+              'test_parallel.py', 'test_notebooks.py', 'test_parallel_train.py',
+              'test_unas.py', 'test_fpnas.py', 'test_atomnas.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from jaxnas import checkpoint as ckpt_lib
+from jaxnas import common
 from jaxnas import parallel
 from jaxnas import search
 from jaxnas.ops import primitives as ops
@@ -87,16 +88,27 @@ def test_padded_batch_size(batch, devices, padded):
 
 
 def test_distributed_initialize_only_when_multi_host(monkeypatch):
+  """multi_host=True joins the job: with the cluster's values (None: detected), or with
+  the config's coordinator, process count and id; a process id out of range is the
+  config's error."""
   calls = []
-  monkeypatch.setattr(jax.distributed, 'initialize', lambda: calls.append(1))
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
   monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
   config = tiny_config()
   parallel.maybe_initialize_distributed(config)
   assert not calls
   config.parallel.multi_host = True
   parallel.maybe_initialize_distributed(config)
-  assert calls == [1]
-
+  assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None)]
+  config.parallel.update(coordinator_address='10.0.0.1:1234', num_processes=2, process_id=1)
+  parallel.maybe_initialize_distributed(config)
+  assert calls[-1] == dict(coordinator_address='10.0.0.1:1234', num_processes=2,
+                           process_id=1)
+  config.parallel.process_id = 2
+  with pytest.raises(search.ConfigError, match=r'config.parallel.process_id = 2 must lie in '
+                     r'\[0, parallel.num_processes = 2\)'):
+    parallel.maybe_initialize_distributed(config, common.config_fail)
+  assert len(calls) == 2
 
 
 @pytest.mark.parametrize('cpus, user_flags, expected', [

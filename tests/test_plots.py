@@ -30,12 +30,15 @@ def idx_dir(tmp_path_factory):
   return str(directory)
 
 
+# The runs below use the default compilation cache, as the notebooks do: the same
+# configs on the same synthetic data compile once for both test files.
+
+
 @pytest.fixture(scope='module')
 def pcdarts_run(tmp_path_factory, idx_dir):
   """configs/pcdarts_fashion_mnist.py:smoke: 2 epochs of 3 steps, 2 nodes per cell."""
   config = pcdarts_fashion_mnist.get_config('smoke')
   config.data.data_dir = idx_dir
-  config.compilation_cache_dir = ''
   workdir = str(tmp_path_factory.mktemp('pcdarts'))
   search.run_search(config, workdir)
   return workdir
@@ -45,7 +48,6 @@ def pcdarts_run(tmp_path_factory, idx_dir):
 def atomnas_run(tmp_path_factory, idx_dir):
   config = atomnas_fashion_mnist.get_config('smoke')
   config.data.data_dir = idx_dir
-  config.compilation_cache_dir = ''
   workdir = str(tmp_path_factory.mktemp('atomnas'))
   search.run_search(config, workdir)
   return workdir
