@@ -148,7 +148,9 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.fpnas.switch_epoch = min(c.fpnas.switch_epoch, 1)
   else:
     c.model.C = 8
-    c.model.layers = 5
+    c.model.layers = 3
+    c.model.steps = 2
+    c.model.multiplier = 2
   c.fpnas.num_samples = min(c.fpnas.num_samples, 4)
   c.fpnas.max_samples = 4
   c.fpnas.sample_scale = 0.05

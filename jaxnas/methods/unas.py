@@ -144,6 +144,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.layers = 3
     c.model.steps = 2
     c.model.multiplier = 2
+  c.unas.latency_samples = min(c.unas.latency_samples, 20)  # a measured model: a few s
+  c.unas.latency_runs = min(c.unas.latency_runs, 2)
   c.optim.warmup_epochs = 1
   return base_config.few_steps(c)
 
