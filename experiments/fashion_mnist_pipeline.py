@@ -1,19 +1,31 @@
-"""Search, then retrain: the Fashion-MNIST pipeline against random and published cells.
+"""Searched cells against random and published cells, trained the same way (Fashion-MNIST).
 
-Runs the quick PC-DARTS search (configs/pcdarts_fashion_mnist.py), then trains from
-scratch, with one and the same budget (configs/eval_fashion_mnist.py): the searched cell,
---num_random cells drawn uniformly from the DARTS space (the random-search baseline), and
-the published DARTS_V2 and PC_DARTS_cifar cells. Reports each cell's test accuracy and
-wall time, and the searched cell against the random cells' mean and spread.
+The protocol a search result has to pass (Li & Talwalkar 2019; Yang et al. 2020):
 
-  python experiments/fashion_mnist_pipeline.py --workdir=runs/pipeline --num_random=3
+1. The quick PC-DARTS search (configs/pcdarts_fashion_mnist.py) from each of
+   --search_seeds; each search's final genotype is its searched cell (nothing is picked
+   among them).
+2. --num_random cells drawn uniformly from the same DARTS space
+   (``genotypes.random_genotype``, seeded by --random_seed), and the published DARTS_V2
+   and PC_DARTS_cifar cells.
+3. Every cell trained from scratch with one config (configs/eval_fashion_mnist.py with
+   the protocol's budget: --train_epochs x --train_steps_per_epoch steps of 64) from each
+   of --train_seeds (the seed sets the initial weights, the data order, the augmentation
+   and drop path). The last --validation_examples images of the train split are held out:
+   the network trains on the rest and is scored on them after every epoch. The test split
+   is scored once, after the last step, and only reported.
 
-Every stage resumes: a finished search or training is read back, not run again. The
-table is printed and written to --out (JSON) and next to it as Markdown.
+It prints and writes (--out, JSON, and the same name with .md) one row per cell (params,
+multiply-adds, validation and test top-1 of each training seed and their mean) and one
+row per group: the searched cells over search seeds, the random cells, the published
+cells, each as mean +- std over its cells (a cell's value is its mean over the training
+seeds), and the searched-minus-random gap.
 
-Measured on a 2-core AMD EPYC VM (CPU), --num_random=3, with the search already done:
-six trainings of 4-12 min each, 38 min in all. Test top-1: searched 81.40 %, DARTS_V2
-85.08 %, PC_DARTS_cifar 85.25 %, random 85.32 +- 0.74 % (84.80, 86.17, 85.00).
+  python experiments/fashion_mnist_pipeline.py --workdir=runs/protocol
+
+Every stage resumes: a finished search or training is read back, not run again, so an
+interrupted protocol continues where it stopped and --groups can split it over several
+processes (e.g. the random cells trained while the searches run).
 """
 
 import json
@@ -35,98 +47,235 @@ from jaxnas import search  # noqa: E402
 from jaxnas import summary as summary_lib  # noqa: E402
 from jaxnas import train  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/pipeline', 'Where the runs go.')
-_SEARCH = flags.DEFINE_string('search_workdir', None,
-                              'A search workdir to use (default: WORKDIR/search).')
-_NUM_RANDOM = flags.DEFINE_integer('num_random', 3, 'Random cells to train.')
+PUBLISHED = ('DARTS_V2', 'PC_DARTS_cifar')
+GROUPS = ('searched', 'random', 'published')
+
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/protocol', 'Where the runs go.')
+_SEARCH_SEEDS = flags.DEFINE_list('search_seeds', ['0', '1', '2'], 'Seeds of the searches.')
+_NUM_RANDOM = flags.DEFINE_integer('num_random', 8, 'Random cells to train.')
 _RANDOM_SEED = flags.DEFINE_integer('random_seed', 0, 'Seed of the random cells.')
+_PUBLISHED = flags.DEFINE_list('published', list(PUBLISHED), 'Published cells to train.')
+_TRAIN_SEEDS = flags.DEFINE_list('train_seeds', ['0', '1'], 'Seeds of every training.')
+_EPOCHS = flags.DEFINE_integer('train_epochs', 2, 'Training epochs of every cell.')
+_STEPS = flags.DEFINE_integer('train_steps_per_epoch', 200, 'Steps of 64 per epoch.')
+_VALIDATION = flags.DEFINE_integer('validation_examples', 5000,
+                                   'Train images held out for validation.')
+_GROUPS = flags.DEFINE_list('groups', list(GROUPS),
+                            'Which cells this process trains (the report covers all).')
 _TRAIN_ARG = flags.DEFINE_string('train_variant', None,
                                  'Variant of eval_fashion_mnist.py (e.g. smoke).')
 _SEARCH_ARG = flags.DEFINE_string('search_variant', None,
                                   'Variant of pcdarts_fashion_mnist.py (e.g. smoke).')
-_OUT = flags.DEFINE_string('out', 'results/fashion_mnist_pipeline.json', 'JSON output.')
+_DATA_DIR = flags.DEFINE_string('data_dir', None,
+                                'Fashion-MNIST IDX files (default: the Debian package).')
+_CACHE = flags.DEFINE_string('compilation_cache_dir', None,
+                             'XLA compilation cache (default: the configs\').')
+_OUT = flags.DEFINE_string('out', 'results/fashion_mnist_protocol.json', 'JSON output.')
 
 
-def _finished(workdir):
-  path = os.path.join(workdir, summary_lib.SUMMARY_FILE)
+# ----------------------------------------------------------------------------- configs
+
+
+def _data_overrides(config):
+  if _DATA_DIR.value:
+    config.data.source, config.data.data_dir = 'idx', _DATA_DIR.value
+  if _CACHE.value:
+    config.compilation_cache_dir = _CACHE.value
+  return config
+
+
+def search_config(seed: int):
+  config = pcdarts_fashion_mnist.get_config(_SEARCH_ARG.value)
+  config.seed = seed
+  return _data_overrides(config)
+
+
+def train_config(source: str, seed: int):
+  """The protocol's one training config, for the cell ``source`` and ``seed``."""
+  config = eval_fashion_mnist.get_config(_TRAIN_ARG.value)
+  config.genotype = source
+  config.seed = seed
+  config.data.validation_examples = _VALIDATION.value
+  if not _TRAIN_ARG.value:  # a variant keeps its own (smaller) budget
+    config.optim.epochs = _EPOCHS.value
+    config.optim.steps_per_epoch = _STEPS.value
+  return _data_overrides(config)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _read_json(path):
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    summary = json.load(f)
-  return summary if 'result' in summary else None
+    return json.load(f)
 
 
-def run_search(workdir):
+def run_search(seed: int, workdir: str) -> dict:
   if not os.path.exists(os.path.join(workdir, genotypes.GENOTYPE_FILE)):
-    t0 = time.perf_counter()
-    search.run_search(pcdarts_fashion_mnist.get_config(_SEARCH_ARG.value), workdir)
-    print(f'search took {time.perf_counter() - t0:.0f} s', flush=True)
-  with open(os.path.join(workdir, genotypes.GENOTYPE_FILE)) as f:
-    meta = json.load(f)
-  return {'workdir': workdir, 'wall_s': meta.get('wall_s'),
+    search.run_search(search_config(seed), workdir)
+  meta = _read_json(os.path.join(workdir, genotypes.GENOTYPE_FILE))
+  return {'seed': seed, 'workdir': workdir, 'wall_s': meta.get('wall_s'),
           'arch_split_acc': meta.get('arch_split_acc'),
           'genotype': genotypes.format_genotype(genotypes.load(workdir))}
 
 
-def retrain(name, source, workdir):
-  done = _finished(workdir)
+def finished_training(workdir: str):
+  summary = _read_json(os.path.join(workdir, summary_lib.SUMMARY_FILE))
+  return summary if summary and 'result' in summary else None
+
+
+def retrain(cell: dict, seed: int, workdir: str, run: bool) -> dict | None:
+  """One training of ``cell`` (trained here if ``run`` and not finished); its record, or
+  None if it has not finished."""
+  done = finished_training(workdir)
+  if done is None and run:
+    train.run_train(train_config(cell['source'], seed), workdir)
+    done = finished_training(workdir)
   if done is None:
-    config = eval_fashion_mnist.get_config(_TRAIN_ARG.value)
-    config.genotype = source
-    train.run_train(config, workdir)
-    done = _finished(workdir)
+    return None
   r, m = done['result'], done['model']
-  return {'name': name, 'genotype_source': source, 'params': m['params'],
-          'multiply_adds': m['multiply_adds'], 'test_top1': r['test_top1'],
-          'test_top5': r['test_top5'], 'best_test_top1': r['best_test_top1'],
-          'wall_s': r['wall_s'], 'compile_s': r['compile_s'],
+  return {'cell': cell['name'], 'group': cell['group'], 'train_seed': seed,
+          'params': m['params'], 'multiply_adds': m['multiply_adds'],
+          'val_top1': r['val_top1'], 'test_top1': r['test_top1'], 'wall_s': r['wall_s'],
+          'compile_s': r['compile_s'], 'workdir': workdir,
           'genotype': genotypes.format_genotype(genotypes.from_json(m['genotype']))}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _stats(values):
+  values = [float(v) for v in values]
+  return {'n': len(values), 'mean': float(np.mean(values)) if values else None,
+          'std': float(np.std(values, ddof=1)) if len(values) > 1 else None,
+          'min': min(values, default=None), 'max': max(values, default=None)}
+
+
+def aggregate(runs: list[dict]) -> dict:
+  """Per cell: its trainings and their means; per group: mean +- std (ddof 1) over its
+  cells' means; the searched-minus-random gaps; where each searched cell ranks among the
+  random cells (by validation top-1)."""
+  cells = {}
+  for r in runs:
+    c = cells.setdefault(r['cell'], {'cell': r['cell'], 'group': r['group'],
+                                     'params': r['params'],
+                                     'multiply_adds': r['multiply_adds'],
+                                     'genotype': r['genotype'], 'runs': []})
+    c['runs'].append({k: r[k] for k in ('train_seed', 'val_top1', 'test_top1', 'wall_s')})
+  for c in cells.values():
+    c['runs'].sort(key=lambda r: r['train_seed'])
+    for key in ('val_top1', 'test_top1'):
+      c[key] = float(np.mean([r[key] for r in c['runs']]))
+    # Spread over the training seeds alone: the noise floor of one cell.
+    c['val_seed_std'] = _stats([r['val_top1'] for r in c['runs']])['std']
+  groups = {}
+  for group in GROUPS:
+    members = [c for c in cells.values() if c['group'] == group]
+    if members:
+      groups[group] = {key: _stats([c[key] for c in members])
+                       for key in ('val_top1', 'test_top1', 'params', 'multiply_adds')}
+  gap = {}
+  if 'searched' in groups and 'random' in groups:
+    for key in ('val_top1', 'test_top1'):
+      gap[key] = groups['searched'][key]['mean'] - groups['random'][key]['mean']
+    randoms = sorted(c['val_top1'] for c in cells.values() if c['group'] == 'random')
+    gap['searched_val_beats_random'] = {
+        c['cell']: f'{sum(c["val_top1"] > v for v in randoms)}/{len(randoms)}'
+        for c in cells.values() if c['group'] == 'searched'}
+  return {'cells': list(cells.values()), 'groups': groups, 'searched_minus_random': gap}
+
+
+def _pct(x, digits=2):
+  return '-' if x is None else f'{100 * x:.{digits}f}'
+
+
+def _mean_std(s):
+  if s['std'] is None:
+    return f'{_pct(s["mean"])} %'
+  return f'{_pct(s["mean"])} ± {_pct(s["std"])} %'
+
+
+def table(report: dict) -> str:
+  """The protocol's Markdown table: one row per cell, then one per group."""
+  lines = ['| cell | group | params | M mult-adds | validation top-1 (per seed) | '
+           'validation mean | test top-1 (per seed) | test mean |',
+           '|---|---|---|---|---|---|---|---|']
+  for c in report['cells']:
+    val = ' / '.join(_pct(r['val_top1']) for r in c['runs'])
+    test = ' / '.join(_pct(r['test_top1']) for r in c['runs'])
+    lines.append(f'| {c["cell"]} | {c["group"]} | {c["params"]:,} | '
+                 f'{c["multiply_adds"] / 1e6:.1f} | {val} | {_pct(c["val_top1"])} % | '
+                 f'{test} | {_pct(c["test_top1"])} % |')
+  for group, g in report['groups'].items():
+    params = f'{g["params"]["min"]:,.0f}-{g["params"]["max"]:,.0f}'
+    madds = (f'{g["multiply_adds"]["min"] / 1e6:.1f}-'
+             f'{g["multiply_adds"]["max"] / 1e6:.1f}')
+    lines.append(f'| **{group}** (N={g["val_top1"]["n"]} cells) | | {params} | {madds} | | '
+                 f'{_mean_std(g["val_top1"])} | | {_mean_std(g["test_top1"])} |')
+  gap = report['searched_minus_random']
+  if gap:
+    lines.append(f'| **searched − random** | | | | | {100 * gap["val_top1"]:+.2f} points | | '
+                 f'{100 * gap["test_top1"]:+.2f} points |')
+  return '\n'.join(lines)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  unknown = set(_GROUPS.value) - set(GROUPS)
+  if unknown:
+    raise app.UsageError(f'--groups has {sorted(unknown)}; choose from {GROUPS}.')
+  t_start = time.perf_counter()
   root = _WORKDIR.value
   os.makedirs(root, exist_ok=True)
-  search_dir = _SEARCH.value or os.path.join(root, 'search')
-  found = run_search(search_dir)
 
-  cells = [('searched', search_dir), ('DARTS_V2', 'DARTS_V2'),
-           ('PC_DARTS_cifar', 'PC_DARTS_cifar')]
+  cells, searches = [], []
+  for seed in map(int, _SEARCH_SEEDS.value):
+    workdir = os.path.join(root, f'search_seed{seed}')
+    if 'searched' in _GROUPS.value:
+      searches.append(run_search(seed, workdir))
+    cells.append({'name': f'searched_seed{seed}', 'group': 'searched', 'source': workdir})
+  cells += [{'name': name, 'group': 'published', 'source': name}
+            for name in _PUBLISHED.value]
   rng = np.random.default_rng(_RANDOM_SEED.value)
   for i in range(_NUM_RANDOM.value):
     path = os.path.join(root, f'random_{i}.json')
-    genotypes.save(genotypes.random_genotype(rng), path)
-    cells.append((f'random_{i}', path))
-  runs = [retrain(name, source, os.path.join(root, f'train_{name}'))
-          for name, source in cells]
+    # Drawn in order from one generator: cell i is the same for every process.
+    genotype = genotypes.random_genotype(rng)
+    if not os.path.exists(path):
+      genotypes.save(genotype, path)
+    cells.append({'name': f'random_{i}', 'group': 'random', 'source': path})
 
-  randoms = [r['test_top1'] for r in runs if r['name'].startswith('random_')]
-  searched = runs[0]['test_top1']
-  report = {'search': found, 'runs': runs,
-            'random': {'n': len(randoms), 'mean': float(np.mean(randoms)) if randoms else None,
-                       'std': float(np.std(randoms, ddof=1)) if len(randoms) > 1 else None,
-                       'min': min(randoms, default=None), 'max': max(randoms, default=None)},
-            'searched_minus_random_mean': searched - float(np.mean(randoms)) if randoms else None,
-            'train_config': eval_fashion_mnist.get_config(_TRAIN_ARG.value).to_dict()}
+  runs, missing = [], []
+  for cell in cells:
+    for seed in map(int, _TRAIN_SEEDS.value):
+      workdir = os.path.join(root, f'train_{cell["name"]}_seed{seed}')
+      run = cell['group'] in _GROUPS.value
+      if cell['group'] == 'searched' and not os.path.exists(
+          os.path.join(cell['source'], genotypes.GENOTYPE_FILE)):
+        run = False  # its search has not finished (another process runs it)
+      record = retrain(cell, seed, workdir, run)
+      if record is None:
+        missing.append(workdir)
+      else:
+        runs.append(record)
 
-  lines = ['| cell | params | M mult-adds | test top-1 | test top-5 | wall |',
-           '|---|---|---|---|---|---|']
-  for r in runs:
-    lines.append(f'| {r["name"]} | {r["params"] / 1e6:.3f}M | {r["multiply_adds"] / 1e6:.1f} | '
-                 f'{100 * r["test_top1"]:.2f}% | {100 * r["test_top5"]:.2f}% | '
-                 f'{r["wall_s"] / 60:.1f} min |')
-  if randoms:
-    spread = (f' ± {100 * report["random"]["std"]:.2f}' if len(randoms) > 1 else '')
-    lines.append(f'| random mean (N={len(randoms)}) | | | {100 * np.mean(randoms):.2f}%'
-                 f'{spread} (min {100 * min(randoms):.2f}, max {100 * max(randoms):.2f}) | | |')
-  table = '\n'.join(lines)
-  print(f'\nsearch: {found["genotype"]}\n\n{table}', flush=True)
+  report = aggregate(runs)
+  report.update(searches=searches, missing=missing,
+                wall_s_this_process=time.perf_counter() - t_start,
+                train_config=train_config('<cell>', 0).to_dict(),
+                search_config=search_config(0).to_dict())
+  text = table(report)
+  print(f'\n{text}', flush=True)
+  if missing:
+    print(f'{len(missing)} trainings have not finished yet: {", ".join(missing)}', flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, 'w') as f:
     json.dump(report, f, indent=2)
   with open(os.path.splitext(_OUT.value)[0] + '.md', 'w') as f:
-    f.write(table + '\n')
+    f.write(text + '\n')
   print(f'wrote {_OUT.value}', flush=True)
 
 

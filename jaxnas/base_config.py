@@ -115,6 +115,8 @@ def train_config(space: str = 'darts') -> ml_collections.ConfigDict:
   c.data.augment = True
   c.data.crop_padding = 4
   c.data.cutout = 16          # side of the cutout square; 0 switches it off
+  # The last N train images held out: scored each epoch and for 'best'; test once, at the end.
+  c.data.validation_examples = 0
 
   c.model = ml_collections.ConfigDict()
   if space in ('proxyless', 'fbnet'):

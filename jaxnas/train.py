@@ -4,10 +4,14 @@
 the genotype's cell stacked L times (``spaces/darts_eval.py``; DARTS, PC-DARTS, UNAS's
 cell space) with an auxiliary head and drop path, or 'proxyless', one MBConv per layer
 (``spaces/proxyless.py``; UNAS's ProxylessNAS space). It is trained on the whole train
-split with SGD and evaluated on the test split (top-1 / top-5) after every epoch. The workdir keeps the
-last checkpoints of the whole state (to resume) and two exported models, ``export/best``
-(highest test top-1, the reference's "best") and ``export/last``, which
-``jaxnas.load_model`` turns into a function from images to logits.
+split with SGD and evaluated on the test split (top-1 / top-5) after every epoch. With
+``data.validation_examples`` N > 0 the last N images of the train split are held out
+instead: the network trains on the others, is scored on those N after every epoch (what
+'best' is chosen by), and meets the test split once, after the last step. The workdir
+keeps the last checkpoints of the whole state (to resume) and two exported models,
+``export/best`` (highest test top-1, the reference's "best", or highest validation top-1)
+and ``export/last``, which ``jaxnas.load_model`` turns into a function from images to
+logits.
 """
 
 import functools
@@ -97,6 +101,9 @@ def validate_config(config: ml_collections.ConfigDict):
     fail('optim.label_smoothing', f'must be in [0, 1), got {o.label_smoothing}.')
   if config.data.cutout < 0:
     fail('data.cutout', f'must be >= 0 (0: off), got {config.data.cutout}.')
+  if int(config.data.get('validation_examples', 0)) < 0:
+    fail('data.validation_examples',
+         f'must be >= 0 (0: no validation split), got {config.data.validation_examples}.')
   parallel.check_config(config, fail, batch_norm_modes=('sync',))  # per-device BN: search
   if not isinstance(config.genotype, str) or not config.genotype:
     fail('genotype', f'must name {space.sources}.')
@@ -307,17 +314,29 @@ def evaluate(eval_step, params, batch_stats, dataset, indices, batch_size,
           'examples': int(totals['count'])}
 
 
-def _read_best(workdir: str) -> float:
-  """Test top-1 of the exported best model, -1 if there is none (a fresh run)."""
+def _read_best(workdir: str, key: str) -> float:
+  """``key`` (test_top1 or val_top1) of the exported best model, -1 if there is none (a
+  fresh run)."""
   path = os.path.join(workdir, export.EXPORT_DIR, 'best', export.MODEL_FILE)
   try:
     with open(path) as f:
-      return float(json.load(f)['test_top1'])
+      return float(json.load(f)[key])
   except (OSError, ValueError, KeyError):
     return -1.0
 
 
 # ----------------------------------------------------------------------------- loop
+
+
+def split_train(config, num_train: int):
+  """(train indices, validation indices) of the train split: the last
+  ``data.validation_examples`` images are the validation split (none when it is 0)."""
+  n_val = int(config.data.get('validation_examples', 0))
+  if n_val >= num_train:
+    raise ConfigError(f'config.data.validation_examples is {n_val}; the train split of '
+                      f'{config.data.name} has {num_train} images, so none would be left '
+                      'to train on.')
+  return np.arange(num_train - n_val), np.arange(num_train - n_val, num_train)
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: str,
@@ -344,8 +363,12 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   mesh = parallel.make_mesh(config.parallel.num_devices)
   train_set = data_lib.load_dataset(config.data, split='train')
   test_set = data_lib.load_dataset(config.data, split='test')
+  train_idx, val_idx = split_train(config, len(train_set))
+  validating = len(val_idx) > 0
+  # What 'best' and the per-epoch line are scored on: the validation split, or the test.
+  epoch_set, epoch_name = (train_set, 'val') if validating else (test_set, 'test')
   batches = data_lib.TrainBatches(
-      train_set, np.arange(len(train_set)), o.batch_size, config.seed,
+      train_set, train_idx, o.batch_size, config.seed,
       augment=config.data.augment, crop_padding=config.data.crop_padding,
       cutout_length=config.data.cutout, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -356,8 +379,9 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   test_idx = np.arange(len(test_set))
   if config.eval_max_examples:
     test_idx = test_idx[:config.eval_max_examples]
-  logging.info('data: %d train / %d test examples of %s, %d steps/epoch', len(train_set),
-               len(test_idx), train_set.name, steps_per_epoch)
+  epoch_idx = val_idx if validating else test_idx
+  logging.info('data: %d train / %d validation / %d test examples of %s, %d steps/epoch',
+               len(train_idx), len(val_idx), len(test_idx), train_set.name, steps_per_epoch)
 
   # --- model and state
   model = build_model(config, genotype, train_set.num_classes)
@@ -372,7 +396,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   if resumed:
     print(f'Resuming from step {start_step} in {workdir}.', flush=True)
   ckpt_lib.write_config(workdir, config)
-  best_top1 = _read_best(workdir) if resumed else -1.0
+  best_top1 = _read_best(workdir, f'{epoch_name}_top1') if resumed else -1.0
   save_model = functools.partial(
       export.save_model, genotype=genotype, space=config.space, config=config,
       num_classes=train_set.num_classes, image_shape=train_set.image_shape,
@@ -424,24 +448,25 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
       epoch_end = step % steps_per_epoch == 0
       if epoch_end:
         epoch = step // steps_per_epoch
-        test = evaluate(eval_fn, state.params, state.batch_stats, test_set, test_idx,
-                        eval_batch_size, mesh)
+        scores = evaluate(eval_fn, state.params, state.batch_stats, epoch_set, epoch_idx,
+                          eval_batch_size, mesh)
         means = {k: float(np.mean(v)) for k, v in epoch_sums.items()}
         epoch_result = {'epoch': epoch, 'step': step, 'train_loss': means['train_loss'],
-                        'train_acc': means['train_acc'], 'test_loss': test['loss'],
-                        'test_top1': test['top1'], 'test_top5': test['top5'],
-                        'test_examples': test['examples'],
+                        'train_acc': means['train_acc'],
+                        **{f'{epoch_name}_{k}': scores[k] for k in ('loss', 'top1', 'top5')},
+                        f'{epoch_name}_examples': scores['examples'],
                         'epoch_time_s': time.perf_counter() - epoch_t0}
         writer.write(step, {k: v for k, v in epoch_result.items() if k != 'step'},
                      kind='epoch')
-        is_best = test['top1'] > best_top1
+        is_best = scores['top1'] > best_top1
         if is_best:
-          best_top1 = test['top1']
+          best_top1 = scores['top1']
           save_model(os.path.join(workdir, export.EXPORT_DIR, 'best'), state.params,
                      state.batch_stats, **epoch_result)
+        label = 'validation' if validating else 'test'
         print(f'== epoch {epoch}/{o.epochs}: train loss {means["train_loss"]:.4f} acc '
-              f'{100 * means["train_acc"]:.2f}% | test loss {test["loss"]:.4f} top-1 '
-              f'{100 * test["top1"]:.2f}% top-5 {100 * test["top5"]:.2f}%'
+              f'{100 * means["train_acc"]:.2f}% | {label} loss {scores["loss"]:.4f} top-1 '
+              f'{100 * scores["top1"]:.2f}% top-5 {100 * scores["top5"]:.2f}%'
               f'{" (best)" if is_best else ""} | '
               f'{metrics_lib.format_seconds(epoch_result["epoch_time_s"])}', flush=True)
         epoch_sums, epoch_t0 = {}, time.perf_counter()
@@ -453,18 +478,28 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
         return stop.finish(manager, step, workdir, save)
 
   manager.wait_until_finished()
+  ran_steps = bool(epoch_result)
   if not epoch_result:  # resumed a finished run: score the final state again
+    scores = evaluate(eval_fn, state.params, state.batch_stats, epoch_set, epoch_idx,
+                      eval_batch_size, mesh)
+    epoch_result = {'epoch': o.epochs, 'step': total_steps,
+                    **{f'{epoch_name}_{k}': scores[k] for k in ('loss', 'top1', 'top5')},
+                    f'{epoch_name}_examples': scores['examples']}
+  if validating:  # the test split, once, for the final network
     test = evaluate(eval_fn, state.params, state.batch_stats, test_set, test_idx,
                     eval_batch_size, mesh)
-    epoch_result = {'epoch': o.epochs, 'step': total_steps, 'test_loss': test['loss'],
-                    'test_top1': test['top1'], 'test_top5': test['top5'],
-                    'test_examples': test['examples']}
+    epoch_result.update({f'test_{k}': test[k] for k in ('loss', 'top1', 'top5')},
+                        test_examples=test['examples'])
+    if ran_steps:  # a finished run read back has its line already
+      with metrics_lib.MetricWriter(workdir) as writer:
+        writer.write(total_steps, {k: epoch_result[k] for k in
+                                   ('test_loss', 'test_top1', 'test_top5')}, kind='test')
   save_model(os.path.join(workdir, export.EXPORT_DIR, 'last'), state.params,
              state.batch_stats, **epoch_result)
-  result = {**epoch_result, 'best_test_top1': best_top1, 'compile_s': compile_s,
+  result = {**epoch_result, f'best_{epoch_name}_top1': best_top1, 'compile_s': compile_s,
             'wall_s': time.perf_counter() - t_start}
   summary_lib.write_summary(workdir, {'model': summary, 'result': result})
   print(f'Training done: final test top-1 {100 * epoch_result["test_top1"]:.2f}% '
-        f'(best {100 * best_top1:.2f}%); models in {os.path.join(workdir, export.EXPORT_DIR)}'
+        f'(best {"validation " if validating else ""}{100 * best_top1:.2f}%); models in {os.path.join(workdir, export.EXPORT_DIR)}'
         f'/{{best,last}}, loaded by jaxnas.load_model({workdir!r}).', flush=True)
   return {'model': summary, **result}

@@ -176,6 +176,38 @@ def test_random_genotypes_are_valid_reproducible_and_varied():
   assert len({genotypes.format_genotype(g) for g in draws}) == 50
 
 
+def _chi_square_p(counts):
+  """p-value of counts against equal probabilities (Pearson's chi-square)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return stats.chisquare(np.asarray(counts, np.float64)).pvalue
+
+
+def test_random_genotypes_are_uniform_over_the_space():
+  rng = np.random.default_rng(0)
+  draws = [genotypes.random_genotype(rng) for _ in range(2000)]
+  ops = genotypes.PRIMITIVES[1:]  # every op but 'none'
+  for cell in ('normal', 'reduce'):
+    op_counts = {op: 0 for op in ops}
+    pairs = [{} for _ in range(4)]  # node -> {(a, b): count}
+    for g in draws:
+      edges = getattr(g, cell)
+      for op, _ in edges:
+        op_counts[op] += 1
+      for node in range(4):
+        pair = tuple(sorted(source for _, source in edges[2 * node:2 * node + 2]))
+        pairs[node][pair] = pairs[node].get(pair, 0) + 1
+    # 16,000 ops over 7 choices: uniform at the 0.1 % level, and the bound rejects a skew.
+    assert _chi_square_p(list(op_counts.values())) > 1e-3, op_counts
+    for node, counts in enumerate(pairs):
+      # Node k reads 2 distinct of its k + 2 inputs: every pair is drawn, equally often.
+      assert len(counts) == (node + 2) * (node + 1) // 2
+      if node:  # node 0 has one pair, (0, 1)
+        assert _chi_square_p(list(counts.values())) > 1e-3, (node, counts)
+  skewed = list(op_counts.values())
+  skewed[0] = int(skewed[0] * 1.15)  # one op 15 % more frequent than the others
+  assert _chi_square_p(skewed) < 1e-3
+
+
 @pytest.mark.parametrize('edit,message', [
     (lambda d: d['normal'].__setitem__(0, ['conv_7x7', 0]), "unknown op 'conv_7x7'"),
     (lambda d: d['normal'].__setitem__(0, ['sep_conv_3x3', 5]), 'may only read inputs 0..1'),

@@ -138,6 +138,38 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, trained, idx_d
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+def test_validation_split_is_held_out_and_test_is_scored_once(tmp_path, idx_dir,
+                                                             genotype_file, cache_dir):
+  config = tiny_config(idx_dir, genotype_file, cache_dir)
+  config.data.validation_examples = 16
+  train_idx, val_idx = train.split_train(config, 48)
+  np.testing.assert_array_equal(train_idx, np.arange(32))
+  np.testing.assert_array_equal(val_idx, np.arange(32, 48))
+  result = train.run_train(config, str(tmp_path))
+  assert result['val_examples'] == 16 and result['test_examples'] == 20
+  assert result['best_val_top1'] >= result['val_top1'] and 'best_test_top1' not in result
+  with open(tmp_path / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  epochs = [r for r in records if r['kind'] == 'epoch']
+  assert len(epochs) == 2 and all('val_top1' in r and 'test_top1' not in r for r in epochs)
+  (test,) = [r for r in records if r['kind'] == 'test']
+  assert test['test_top1'] == result['test_top1'] and test['step'] == 6
+  # The exported final model scores the held-out rows as the run reported.
+  model = jaxnas.load_model(str(tmp_path), which='last')
+  train_set = data.load_dataset(model.config.data, split='train')
+  held_out = train.evaluate(jax.jit(train.make_eval_step(model.module)),
+                            model.variables['params'], model.variables['batch_stats'],
+                            train_set, val_idx, 8)
+  assert held_out['top1'] == pytest.approx(result['val_top1'])
+  # Reading the finished run back adds no second test line.
+  train.run_train(config, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    assert sum(json.loads(line)['kind'] == 'test' for line in f) == 1
+  config.data.validation_examples = 48
+  with pytest.raises(train.ConfigError, match='data.validation_examples is 48'):
+    train.split_train(config, 48)
+
+
 def run_module(module, *args):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,

@@ -1,0 +1,125 @@
+"""The searched-against-random protocol (experiments/fashion_mnist_pipeline.py): its
+aggregation on given numbers, and end to end on smoke settings."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxnas import genotypes
+from test_data import write_fashion_mnist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'experiments'))
+import fashion_mnist_pipeline as pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _run(cell, group, seed, val, test, params=1000, madds=2e6):
+  return {'cell': cell, 'group': group, 'train_seed': seed, 'params': params,
+          'multiply_adds': madds, 'val_top1': val, 'test_top1': test, 'wall_s': 1.0,
+          'genotype': cell}
+
+
+def test_aggregate_means_stds_gap_and_table():
+  runs = [_run('searched_seed0', 'searched', 0, 0.80, 0.79),
+          _run('searched_seed0', 'searched', 1, 0.82, 0.81),
+          _run('searched_seed1', 'searched', 1, 0.86, 0.85),
+          _run('searched_seed1', 'searched', 0, 0.84, 0.83),
+          _run('random_0', 'random', 0, 0.83, 0.80, params=3000),
+          _run('random_0', 'random', 1, 0.83, 0.82, params=3000),
+          _run('random_1', 'random', 0, 0.79, 0.78),
+          _run('random_1', 'random', 1, 0.81, 0.78),
+          _run('DARTS_V2', 'published', 0, 0.88, 0.87)]
+  report = pipeline.aggregate(runs)
+  cells = {c['cell']: c for c in report['cells']}
+  # A cell's value is its mean over the training seeds; runs are listed by seed.
+  assert cells['searched_seed1']['val_top1'] == pytest.approx(0.85)
+  assert [r['train_seed'] for r in cells['searched_seed1']['runs']] == [0, 1]
+  assert cells['random_1']['val_seed_std'] == pytest.approx(np.std([0.79, 0.81], ddof=1))
+  assert cells['DARTS_V2']['val_seed_std'] is None
+  searched, random = report['groups']['searched'], report['groups']['random']
+  assert searched['val_top1']['n'] == 2
+  assert searched['val_top1']['mean'] == pytest.approx(0.83)
+  assert searched['val_top1']['std'] == pytest.approx(np.std([0.81, 0.85], ddof=1))
+  assert random['test_top1']['mean'] == pytest.approx(0.795)
+  assert random['params']['min'] == 1000 and random['params']['max'] == 3000
+  assert report['groups']['published']['val_top1']['std'] is None
+  gap = report['searched_minus_random']
+  assert gap['val_top1'] == pytest.approx(0.83 - 0.815)
+  assert gap['test_top1'] == pytest.approx(0.82 - 0.795)
+  # By validation: seed 0's cell (0.81) beats random_1 (0.80) only; seed 1's beats both.
+  assert gap['searched_val_beats_random'] == {'searched_seed0': '1/2', 'searched_seed1': '2/2'}
+  text = pipeline.table(report).splitlines()
+  assert len(text) == 2 + 5 + 3 + 1  # header, cells, groups, gap
+  assert '| searched_seed0 | searched | 1,000 | 2.0 | 80.00 / 82.00 | 81.00 % |' in text[2]
+  assert text[-2].startswith('| **published** (N=1 cells)')
+  assert '| **searched** (N=2 cells) | | 1,000-1,000 | 2.0-2.0 | | 83.00 ± 2.83 % |' in text[7]
+  assert text[-1] == ('| **searched − random** | | | | | +1.50 points | | '
+                      '+2.50 points |')
+
+
+@pytest.fixture(scope='module')
+def smoke_protocol(tmp_path_factory):
+  idx = tmp_path_factory.mktemp('fmnist_idx')
+  write_fashion_mnist(str(idx), np.random.default_rng(0), n_train=256, n_test=40)
+  root = tmp_path_factory.mktemp('protocol')
+  out = root / 'report.json'
+  args = [sys.executable, os.path.join(REPO, 'experiments', 'fashion_mnist_pipeline.py'),
+          f'--workdir={root}', '--search_seeds=0', '--num_random=1', '--published=DARTS_V2',
+          '--train_seeds=0,1', '--search_variant=smoke', '--train_variant=smoke',
+          '--validation_examples=64', f'--data_dir={idx}',
+          f'--compilation_cache_dir={tmp_path_factory.mktemp("cache")}', f'--out={out}']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(out) as f:
+    return root, json.load(f), done.stdout, args, env
+
+
+def test_smoke_protocol_trains_every_cell_and_seed(smoke_protocol):
+  root, report, stdout, _, _ = smoke_protocol
+  assert report['missing'] == []
+  assert [c['cell'] for c in report['cells']] == ['searched_seed0', 'DARTS_V2', 'random_0']
+  assert report['searches'][0]['seed'] == 0
+  # The searched cell is the search's genotype; the random cell is draw 0 of seed 0.
+  searched = genotypes.load(str(root / 'search_seed0'))
+  random_0 = genotypes.random_genotype(np.random.default_rng(0))
+  for cell, genotype in (('searched_seed0', searched), ('random_0', random_0)):
+    (c,) = [c for c in report['cells'] if c['cell'] == cell]
+    assert c['genotype'] == genotypes.format_genotype(genotype)
+  for c in report['cells']:
+    assert [r['train_seed'] for r in c['runs']] == [0, 1]
+    for r in c['runs']:
+      with open(root / f'train_{c["cell"]}_seed{r["train_seed"]}' / 'summary.json') as f:
+        result = json.load(f)['result']
+      # 64 held-out train images scored each epoch; the 40 test images once, at the end.
+      assert result['val_examples'] == 64 and result['test_examples'] == 40
+      assert (r['val_top1'], r['test_top1']) == (result['val_top1'], result['test_top1'])
+    assert c['val_top1'] == pytest.approx(np.mean([r['val_top1'] for r in c['runs']]))
+  # Each seed its own training: its config, and a different first loss.
+  first_losses = []
+  for seed in (0, 1):
+    workdir = root / f'train_random_0_seed{seed}'
+    with open(workdir / 'config.json') as f:
+      assert json.load(f)['seed'] == seed
+    with open(workdir / 'metrics.jsonl') as f:
+      first_losses.append(next(json.loads(line)['train_loss'] for line in f
+                               if json.loads(line)['kind'] == 'train'))
+  assert first_losses[0] != first_losses[1]
+  assert report['train_config']['data']['validation_examples'] == 64
+  with open(root / 'report.md') as f:
+    assert f.read().strip() == pipeline.table(report)
+  assert pipeline.table(report) in stdout
+
+
+def test_smoke_protocol_reads_finished_runs_back(smoke_protocol):
+  root, report, _, args, env = smoke_protocol
+  again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  with open(root / 'report.json') as f:
+    second = json.load(f)
+  assert second['cells'] == report['cells']
+  assert 'Training done' not in again.stdout and 'Compiled' not in again.stdout
