@@ -43,6 +43,11 @@ def _replace(path, data: bytes) -> str:
   return path
 
 
+def write_bytes(path, data: bytes) -> str:
+  """Writes ``data`` to ``path`` (replaced whole); returns the path."""
+  return _replace(path, data)
+
+
 def write_text(path, text: str) -> str:
   """Writes ``text`` to ``path`` (replaced whole); returns the path."""
   return _replace(path, text.encode())

@@ -42,6 +42,8 @@ def jaxpr_macs(jaxpr) -> int:
       total += _conv_macs(eqn)
     elif name == 'dot_general':
       total += _dot_macs(eqn)
+    elif name == 'scan':  # its body runs `length` times
+      total += eqn.params['length'] * sum(jaxpr_macs(sub) for sub in _sub_jaxprs(eqn))
     else:
       total += sum(jaxpr_macs(sub) for sub in _sub_jaxprs(eqn))
   return total

@@ -16,6 +16,7 @@ matplotlib is an extra (``pip install 'jaxnas[notebooks]'``): jaxnas imports wit
 and a plot without it stops with one sentence saying so.
 """
 
+import io
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from jaxnas import files
 from jaxnas import visualize
 
 METRICS_FILE = 'metrics.jsonl'
@@ -153,22 +155,13 @@ def _figure(width: float, height: float):
 
 def save(fig, path, dpi: int = 120) -> str:
   """Writes ``fig`` to ``path`` in the format of its extension (png, svg, pdf, ...),
-  replaced whole: written beside it, then renamed over it. Returns the path."""
+  replaced whole (``jaxnas.files``: drawn into memory, written beside it, renamed over
+  it; asking which process writes starts no JAX backend). Returns the path."""
   path = os.fspath(path)
   ext = os.path.splitext(path)[1].lstrip('.').lower() or 'png'
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  # Not jaxnas.files: a plot should not start a JAX backend (files asks for the process
-  # index), which on a GPU would take memory from the run being plotted.
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    fig.savefig(tmp, format=ext, dpi=dpi)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format=ext, dpi=dpi)
+  return files.write_bytes(path, buffer.getvalue())
 
 
 def _finish(fig, path):

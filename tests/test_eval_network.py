@@ -158,6 +158,9 @@ def test_count_macs_matches_hand_formula():
 
   expected = 8 * 8 * 16 * (3 * 9) + 4 * 4 * 16 * 25 + 16 * 10
   assert flops.count_macs(f, x) == expected
+  # A scanned body counts once per iteration (the scanned DARTS cell's inner edges).
+  scanned = lambda x: jax.lax.scan(lambda c, w: (c @ w, None), x, jnp.zeros((3, 10, 10)))[0]
+  assert flops.count_macs(scanned, jnp.zeros((4, 10))) == 3 * 4 * 10 * 10
 
 
 def test_random_genotypes_are_valid_reproducible_and_varied():

@@ -5,6 +5,7 @@ no compile), parameters come from `random_variables` (conftest) instead of `init
 the numeric checks jit small modules once each (faster here than eager op-by-op).
 """
 
+import functools
 import itertools
 import math
 
@@ -626,3 +627,99 @@ def test_derive_genotype_recovers_published_cells(name):
   arch = {'alphas_normal': _alphas_for(g.normal, 0), 'alphas_reduce': _alphas_for(g.reduce, 1)}
   derived = darts.derive_genotype(arch)
   assert derived == genotypes.validate(g)
+
+
+# --- the scanned cell (GPU / TPU form) --------------------------------------------------------
+
+
+@pytest.mark.parametrize('steps', [2, 3, 4, 5])
+def test_inner_schedule_covers_every_inner_edge_once_in_order(steps):
+  width, rounds = darts.inner_schedule(steps)
+  assert len(rounds) == steps - 1 and all(len(r) == width for r in rounds)
+  real = [(j, i) for r in rounds for j, i in r if i < steps]
+  assert sorted(real) == sorted((j, i) for i in range(steps) for j in range(i))
+  for t, r in enumerate(rounds):
+    assert r[0] == (t, t + 1)  # the chain edge: node t + 1 is complete after round t
+    # Each edge reads a node complete by round t and feeds a node not yet read.
+    assert all(j <= t < i for j, i in r)
+    assert all(j == t for j, i in r if i == steps)  # padding reads the round's node
+  if steps == 4:
+    assert width == 2 and len(real) == 6  # 3 rounds of 2 edges, none padded
+
+
+# A few ops keep the programs small; the cells' structure does not depend on them.
+FEW_OPS = ('none', 'skip_connect', 'max_pool_3x3', 'sep_conv_3x3')
+
+
+@pytest.mark.parametrize('reduction,k,steps,edge_norm', [
+    (True, 4, 4, True),    # a PC-DARTS reduction cell: values, statistics and gradients
+    (False, 2, 3, True),   # a padded schedule: values and statistics
+])
+def test_scanned_cell_computes_the_unrolled_cell(reduction, k, steps, edge_norm):
+  n = darts.num_edges(steps)
+  kw = dict(features=C, reduction=reduction, reduction_prev=False, train=True, steps=steps,
+            multiplier=steps, k=k, sampling='shuffle', primitives=FEW_OPS, impl='xla')
+  unrolled, scanned = darts.SearchCell(**kw), darts.ScannedCell(**kw)
+  s0, s1 = _x((2, 4, 4, C), seed=1), _x((2, 4, 4, C), seed=2)
+  opw = jax.nn.softmax(_x((n, len(FEW_OPS)), seed=3), -1)
+  ew = jax.nn.softmax(_x((n,), seed=4)) * 3 if edge_norm else None
+  variables = unrolled.init({'params': jax.random.key(0)}, s0, s1, opw, ew)
+  rng = np.random.default_rng(5)  # non-trivial statistics and weights
+  variables = jax.tree.map(lambda a: a + jnp.asarray(rng.uniform(-0.3, 0.3, a.shape),
+                                                     a.dtype), variables)
+  converted = darts.scanned_variables(variables, steps)
+  expected = jax.eval_shape(lambda: scanned.init({'params': jax.random.key(0)}, s0, s1, opw,
+                                                 ew))
+  chex.assert_trees_all_equal_shapes(converted, expected)
+
+  def run(module, v, s0, s1, opw, ew):
+    out, updates = module.apply(v, s0, s1, opw, ew, mutable=['batch_stats'])
+    return out, updates['batch_stats']
+
+  def loss(module, v, s0, s1, opw, ew):
+    out = run(module, v, s0, s1, opw, ew)[0]
+    return jnp.sum(out * jnp.cos(jnp.arange(out.size, dtype=out.dtype).reshape(out.shape)))
+
+  args = (s0, s1, opw, ew)
+  out_u, stats_u = jax.jit(functools.partial(run, unrolled))(variables, *args)
+  out_s, stats_s = jax.jit(functools.partial(run, scanned))(converted, *args)
+  np.testing.assert_allclose(out_s, out_u, rtol=1e-5, atol=1e-5)
+  stats_u = darts.scanned_variables({'batch_stats': stats_u}, steps)['batch_stats']
+  pad = [(t, e) for t, r in enumerate(darts.inner_schedule(steps)[1])
+         for e, (_, i) in enumerate(r) if i == steps]
+  assert bool(pad) == (steps == 3)
+  for t, e in pad:  # the padding edge's statistics have no counterpart
+    stats_s['inner_edges'] = jax.tree.map(lambda a, b, t=t, e=e: a.at[t, e].set(b[t, e]),
+                                          stats_s['inner_edges'], stats_u['inner_edges'])
+  chex.assert_trees_all_close(stats_s, stats_u, rtol=1e-5, atol=1e-5)
+  if steps == 4:
+    argnums = (0, 1, 2, 3, 4)
+    grads_u = jax.jit(jax.grad(functools.partial(loss, unrolled), argnums))(variables, *args)
+    grads_s = jax.jit(jax.grad(functools.partial(loss, scanned), argnums))(converted, *args)
+    chex.assert_trees_all_close(grads_s[0], darts.scanned_variables(grads_u[0], steps),
+                                rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_s[1:], grads_u[1:]):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_scanned_cell_with_random_channels_and_the_cell_form_field():
+  ops_ = ('none', 'skip_connect', 'max_pool_3x3')  # no convs: a small program
+  cell = darts.ScannedCell(C, reduction=False, reduction_prev=False, train=True, k=K,
+                           sampling='random', primitives=ops_, impl='xla')
+  s = _x((2, 4, 4, C), seed=6)
+  opw = jax.nn.softmax(_x((14, len(ops_)), seed=7), -1)
+  rngs = {'params': jax.random.key(0), 'channels': jax.random.key(1)}
+  variables = cell.init(rngs, s, s, opw, None)
+  # (These ops have no weights, only the pools' BN statistics.)
+  assert set(variables['batch_stats']) == {'preprocess0', 'preprocess1', 'input_edges',
+                                           'inner_edges'}
+  run = jax.jit(lambda v, key: cell.apply(v, s, s, opw, None, rngs={'channels': key},
+                                          mutable=['batch_stats'])[0])
+  a, b = run(variables, jax.random.key(2)), run(variables, jax.random.key(3))
+  chex.assert_shape(a, (2, 4, 4, 4 * C))
+  chex.assert_tree_all_finite(a)
+  assert not np.allclose(a, b)  # fresh channels per call
+  assert darts.resolve_cell_form('auto') == 'unrolled'  # on the CPU
+  net = darts.SearchNetwork(num_classes=10, C=C, layers=3, cell_form='rolled')
+  with pytest.raises(ValueError, match="cell_form is 'rolled'"):
+    jax.eval_shape(lambda: net.init(rngs, jnp.zeros((1, 8, 8, 3)), train=True))

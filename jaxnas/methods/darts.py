@@ -47,6 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.edge_normalization = False
   c.model.depthwise_impl = 'auto'       # 'auto' | 'xla' | 'shifted' | 'native'
   c.model.remat = False  # recompute each cell in the backward pass (less memory, slower)
+  # 'unrolled': one mixed op per source state in the program (5 per cell); 'scanned': 2 per
+  # cell, the edges between nodes in a scan: the same function, a program half the size
+  # to compile on GPU and TPU; 'auto': scanned on GPU/TPU, unrolled on the CPU. A
+  # checkpoint holds the parameter layout of the form that wrote it.
+  c.model.cell_form = 'auto'
 
   c.optim.learning_rate = 0.025
   c.optim.learning_rate_min = 0.001
@@ -158,6 +163,9 @@ class Bilevel(base.Method):
       fail('model.channel_sampling',
            f'is {m.channel_sampling!r}; choose one of {partial_channels.SAMPLING_MODES}.')
     base.check_depthwise_impl(m, fail)
+    if m.get('cell_form', 'auto') not in ('auto', *darts_space.CELL_FORMS):
+      fail('model.cell_form',
+           f"is {m.cell_form!r}; choose 'auto' or one of {tuple(darts_space.CELL_FORMS)}.")
     unknown = [p for p in m.primitives if p not in genotypes.PRIMITIVES]
     if unknown or not [p for p in m.primitives if p != 'none']:
       fail('model.primitives', f'must be ops of {genotypes.PRIMITIVES} (not only none), '
@@ -182,7 +190,8 @@ class Bilevel(base.Method):
         multiplier=m.multiplier, stem_multiplier=m.stem_multiplier, stem=m.stem, k=m.k,
         sampling=m.channel_sampling, edge_normalization=m.edge_normalization,
         primitives=tuple(m.primitives), impl=m.depthwise_impl, remat=m.remat,
-        bn_groups=num_devices if per_device else 1)
+        bn_groups=num_devices if per_device else 1,
+        cell_form=darts_space.resolve_cell_form(m.get('cell_form', 'auto')))
 
   def make_optimizers(self, config, steps_per_epoch):
     """SGD with momentum for the weights; Adam for the architecture (coupled L2 on both,

@@ -7,7 +7,11 @@ is a mixed op: a weighted sum of all primitives.
 
 To keep the program XLA sees small, the edges leaving one state are computed together:
 their mixed ops share the input and are ``nn.vmap``-ed over stacked per-edge weights, so
-a cell is 5 batched mixed ops (4+4+3+2+1 edges) instead of 14 separate ones.
+a ``SearchCell`` is 5 batched mixed ops (4+4+3+2+1 edges) instead of 14 separate ones.
+A ``ScannedCell`` goes further for GPU and TPU: 2 mixed ops per cell, the 8 edges from
+the inputs vmapped together and the 6 between nodes as a scan over 3 rounds of 2 edges
+(``SearchNetwork.cell_form``). The paper-size PC-DARTS step lowered for CUDA: 46.0k +
+54.9k StableHLO ops unrolled, 25.3k + 29.8k scanned (experiments/program_size.py).
 """
 
 import functools
@@ -274,6 +278,169 @@ class SearchCell(nn.Module):
     return total
 
 
+def inner_schedule(steps: int) -> tuple[int, list[list[tuple[int, int]]]]:
+  """The edges between intermediate nodes as ``steps - 1`` rounds of equal width, for
+  ``ScannedCell``: round t starts once node t is complete and computes the edge node t ->
+  t + 1 and, earliest deadline first, edges j -> i with j <= t < i (each before node i is
+  needed). Returns (width, rounds of (source node, target node)); a target of ``steps``
+  pads a round (its output is discarded). Four nodes: three rounds of two edges, no
+  padding."""
+  rounds = [[(t, t + 1)] for t in range(steps - 1)]
+  others = sorted(((j, i) for i in range(steps) for j in range(i - 1)), key=lambda e: e[1])
+  width = 1 + -(-len(others) // max(steps - 1, 1))
+  for j, i in others:
+    t = next(t for t in range(j, i) if len(rounds[t]) < width)
+    rounds[t].append((j, i))
+  for t, edges in enumerate(rounds):
+    edges += [(t, steps)] * (width - len(edges))
+  return width, rounds
+
+
+class ScannedCell(nn.Module):
+  """A DARTS search cell whose program holds two mixed ops where ``SearchCell``'s holds
+  one per source state (five): the edges leaving the two inputs as one mixed op vmapped
+  over 2 x ``steps`` edges, and the edges between intermediate nodes as a ``lax.scan``
+  over ``steps - 1`` rounds of one mixed op vmapped over the round's edges
+  (``inner_schedule``: three rounds of two edges for four nodes). It computes what
+  ``SearchCell`` computes, edge for edge, up to the order of the sums
+  (``scanned_variables`` maps a ``SearchCell``'s variables to this layout): a smaller
+  program for GPU and TPU, whose compilers take minutes over the unrolled cells. Node
+  sums are kept per node in a buffer (a last slot takes the padding edges, if any)."""
+  features: int
+  reduction: bool
+  reduction_prev: bool
+  train: bool
+  steps: int = 4
+  multiplier: int = 4
+  k: int = 1
+  sampling: str = 'shuffle'
+  primitives: tuple[str, ...] = PRIMITIVES
+  impl: str = 'auto'
+  bn_groups: int = 1
+  recompute_preprocessing: bool = False
+
+  @nn.compact
+  def __call__(self, s0, s1, op_weights, edge_weights):
+    C, g, again, n = self.features, self.bn_groups, self.recompute_preprocessing, self.steps
+    first = preprocessing(ops.FactorizedReduce if self.reduction_prev else ops.ReLUConvBN,
+                          again)
+    s0 = first(C, affine=False, bn_groups=g, train=self.train, name='preprocess0')(s0)
+    s1 = preprocessing(ops.ReLUConvBN, again)(C, affine=False, bn_groups=g, train=self.train,
+                                             name='preprocess1')(s1)
+    if edge_weights is None:  # every edge weighs 1
+      edge_weights = jnp.ones(op_weights.shape[:1], op_weights.dtype)
+
+    def edges(name, num_groups, num_edges, stride):
+      """``num_groups`` edge groups of ``num_edges`` edges, one vmapped mixed op."""
+      return nn.vmap(EdgeGroup, in_axes=(0, 0), out_axes=0,
+                     variable_axes={'params': 0, 'batch_stats': 0},
+                     split_rngs={'params': True, 'channels': True}, axis_size=num_groups)(
+                         num_edges, C, stride, self.k, self.sampling, self.primitives,
+                         self.train, self.impl, self.bn_groups, name=name)
+
+    # The edges from the inputs, [input][node]: every node reads both inputs.
+    rows = np.array([[edge_index(i, source) for i in range(n)] for source in (0, 1)])
+    out = edges('input_edges', 2, n, 2 if self.reduction else 1)(jnp.stack([s0, s1]),
+                                                                  op_weights[rows])
+    sums = _Sums(C, self.k, self.sampling, self.impl, n + 1)
+    spatial = out.mixed.shape[3:-1]
+    acc = sums.add(sums.empty(s0.shape[0], spatial, s0.dtype), out, edge_weights[rows],
+                   np.broadcast_to(np.arange(n), rows.shape))
+
+    width, rounds = inner_schedule(n)
+    # A padding edge (target n) reads the round's node with some edge's weights; its
+    # output lands in the discarded slot.
+    xs = (np.arange(n - 1), np.array([[j for j, _ in r] for r in rounds]),
+          np.array([[i for _, i in r] for r in rounds]),
+          np.array([[edge_index(min(i, n - 1), j + 2) for j, i in r] for r in rounds]))
+    nodes = jnp.zeros((n,) + s0.shape[:1] + spatial + (C,), s0.dtype)
+
+    def round_(inner, carry, x):
+      acc, nodes = carry
+      t, src, tgt, e = x
+      nodes = jax.lax.dynamic_update_index_in_dim(nodes, sums.node(acc, t), t, 0)
+      out = inner(nodes[src], op_weights[e][:, None])
+      return (sums.add(acc, out, edge_weights[e][:, None], tgt[:, None]), nodes), None
+
+    scan = nn.scan(round_, variable_axes={'params': 0, 'batch_stats': 0},
+                   split_rngs={'params': True, 'channels': True}, length=n - 1)
+    (acc, nodes), _ = scan(edges('inner_edges', width, 1, 1), (acc, nodes), xs)
+    nodes = nodes.at[n - 1].set(sums.node(acc, n - 1))
+    return jnp.concatenate([nodes[i] for i in range(n - self.multiplier, n)], axis=-1)
+
+
+
+class _Sums(NamedTuple):
+  """How ``ScannedCell`` keeps its per-node sums (static: the cell's channel layout)."""
+  features: int
+  k: int
+  sampling: str
+  impl: str
+  slots: int  # steps + 1: a last slot takes the padding edges
+
+  def empty(self, batch, spatial, dtype):
+    """The mixed ops' outputs and, with shuffled partial channels, the bypassed channels
+    apart (so the shuffle runs once per node, as in ``SearchCell``)."""
+    c = self.features // self.k
+    widths = (c, self.features - c) if self.shuffled else (self.features,)
+    return tuple(jnp.zeros((self.slots, batch) + spatial + (w,), dtype) for w in widths)
+
+  @property
+  def shuffled(self):
+    return self.k > 1 and self.sampling == 'shuffle'
+
+  def add(self, acc, out: EdgeOutputs, weights, targets):
+    """Adds each edge of ``out`` (axes [group, edge]) times its weight to the sums of
+    its target node."""
+    w = weights[..., None, None, None, None]
+    if self.k == 1:
+      parts = (w * out.mixed,)
+    elif self.shuffled:
+      parts = (w * out.mixed, w * out.bypass[:, None])
+    else:  # random channels: the edge's full output, the bypass where not selected
+      def full(mixed, bypass, idx):
+        keep = 1.0 - jnp.zeros((self.features,), bypass.dtype).at[idx].set(1.0)
+        return bypass * keep + pc.scatter_channels(mixed, idx, self.features)
+      per_edge = jax.vmap(jax.vmap(full, (0, None, 0)), (0, 0, 0))
+      parts = (w * per_edge(out.mixed, out.bypass, out.channels),)
+    flat = jnp.asarray(targets).reshape(-1)
+    return tuple(a.at[flat].add(p.reshape((-1,) + p.shape[2:])) for a, p in zip(acc, parts))
+
+  def node(self, acc, t):
+    """Node ``t`` (static or traced) from its sums."""
+    parts = [jax.lax.dynamic_index_in_dim(a, t, 0, keepdims=False) for a in acc]
+    if not self.shuffled:
+      return parts[0]
+    return pc.shuffle_concat(parts, self.k, matmul_channels(self.impl))
+
+
+def scanned_variables(variables: dict, steps: int = 4) -> dict:
+  """Variables of ``SearchCell``s (a cell's, or a whole ``SearchNetwork``'s, any
+  collections) in ``ScannedCell``'s layout: every dict holding ``edges_from_0`` is a cell.
+  The padding edges of ``inner_schedule`` (none for four nodes) get zeros."""
+
+  def edge(cell, j, i):  # node j -> node i: a slice of the edges leaving state j + 2
+    group = cell[f'edges_from_{j + 2}']
+    if i == steps:
+      return jax.tree.map(lambda a: jnp.zeros_like(a[:1]), group)
+    return jax.tree.map(lambda a: a[i - j - 1][None], group)
+
+  def convert(tree):
+    if not isinstance(tree, dict):
+      return tree
+    if 'edges_from_0' not in tree:
+      return {k: convert(v) for k, v in tree.items()}
+    out = {k: v for k, v in tree.items() if not k.startswith('edges_from_')}
+    out['input_edges'] = jax.tree.map(lambda a, b: jnp.stack([a, b]), tree['edges_from_0'],
+                                      tree['edges_from_1'])
+    rounds = [jax.tree.map(lambda *e: jnp.stack(e), *[edge(tree, j, i) for j, i in r])
+              for r in inner_schedule(steps)[1]]
+    out['inner_edges'] = jax.tree.map(lambda *r: jnp.stack(r), *rounds)
+    return out
+
+  return convert(dict(variables))
+
+
 class SearchNetwork(nn.Module):
   """The DARTS supernet. Architecture parameters live in the ``arch`` collection:
   ``alphas_{normal,reduce}`` (14, num_ops) and, with edge normalization,
@@ -298,6 +465,9 @@ class SearchNetwork(nn.Module):
   # The cells' preprocessing recomputed in the backward pass (implied by ``remat``).
   recompute_preprocessing: bool = True
   bn_groups: int = 1
+  # 'unrolled': SearchCell (one mixed op per source state); 'scanned': ScannedCell (two
+  # per cell, the inner edges in a scan): the same function, a smaller program.
+  cell_form: str = 'unrolled'
 
   def arch_shapes(self) -> dict[str, tuple[int, ...]]:
     e = num_edges(self.steps)
@@ -332,7 +502,10 @@ class SearchNetwork(nn.Module):
     s0, s1 = stem_layers(x, train, self.stem, self.C, self.stem_multiplier, self.bn_groups)
     C_curr = self.C
     reduction_prev = self.stem == 'imagenet'
-    cell_cls = recompute_lib.recompute(SearchCell) if self.remat else SearchCell
+    if self.cell_form not in CELL_FORMS:
+      raise ValueError(f'cell_form is {self.cell_form!r}; choose one of {tuple(CELL_FORMS)}.')
+    cell_cls = CELL_FORMS[self.cell_form]
+    cell_cls = recompute_lib.recompute(cell_cls) if self.remat else cell_cls
     for i in range(self.layers):
       reduction = i in (self.layers // 3, 2 * self.layers // 3)
       if reduction:
@@ -349,6 +522,17 @@ class SearchNetwork(nn.Module):
     out = jnp.mean(s1, axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=ops.torch_init,
                     bias_init=torch_bias_init(out.shape[-1]), name='classifier')(out)
+
+
+CELL_FORMS = {'unrolled': SearchCell, 'scanned': ScannedCell}
+
+
+def resolve_cell_form(form: str = 'auto') -> str:
+  """'auto': 'unrolled' on the CPU (its native kernels, its measured speed), 'scanned'
+  on GPU and TPU (half the program to compile)."""
+  if form == 'auto':
+    return 'unrolled' if jax.default_backend() == 'cpu' else 'scanned'
+  return form
 
 
 def stem_layers(x, train: bool, kind: str, C: int, stem_multiplier: int = 3,
