@@ -314,7 +314,7 @@ def evaluate(eval_step, params, batch_stats, dataset, indices, batch_size,
           'examples': int(totals['count'])}
 
 
-def _read_best(workdir: str, key: str) -> float:
+def _read_best(workdir: str, key: str = 'test_top1') -> float:
   """``key`` (test_top1 or val_top1) of the exported best model, -1 if there is none (a
   fresh run)."""
   path = os.path.join(workdir, export.EXPORT_DIR, 'best', export.MODEL_FILE)

@@ -14,7 +14,7 @@ from test_data import write_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'experiments'))
-import fashion_mnist_pipeline as pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
+import protocol_report as pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _run(cell, group, seed, val, test, params=1000, madds=2e6):
