@@ -220,14 +220,8 @@ class SearchCell(nn.Module):
 
   @nn.compact
   def __call__(self, s0, s1, op_weights, edge_weights):
-    C, g, again = self.features, self.bn_groups, self.recompute_preprocessing
-    # Recomputed, the preprocessing keeps only its input (the previous cell's output, kept
-    # anyway) for the backward pass, not the rectified input and the 1x1 conv's output.
-    first = preprocessing(ops.FactorizedReduce if self.reduction_prev else ops.ReLUConvBN,
-                          again)
-    s0 = first(C, affine=False, bn_groups=g, train=self.train, name='preprocess0')(s0)
-    s1 = preprocessing(ops.ReLUConvBN, again)(C, affine=False, bn_groups=g, train=self.train,
-                                             name='preprocess1')(s1)
+    C = self.features
+    s0, s1 = self._preprocess(s0, s1)
     states = [s0, s1]
     # Per node: (mixed op output, bypass, selected channels, edge index) of each edge in.
     incoming: list[list[tuple[jax.Array, jax.Array | None, jax.Array | None, int]]] = [
@@ -254,6 +248,18 @@ class SearchCell(nn.Module):
       if i + 2 <= self.steps:
         emit(i + 2)
     return jnp.concatenate(states[-self.multiplier:], axis=-1)
+
+  def _preprocess(self, s0, s1):
+    """The two inputs brought to ``features`` channels at this cell's resolution."""
+    C, g, again = self.features, self.bn_groups, self.recompute_preprocessing
+    # Recomputed, the preprocessing keeps only its input (the previous cell's output, kept
+    # anyway) for the backward pass, not the rectified input and the 1x1 conv's output.
+    first = preprocessing(ops.FactorizedReduce if self.reduction_prev else ops.ReLUConvBN,
+                          again)
+    s0 = first(C, affine=False, bn_groups=g, train=self.train, name='preprocess0')(s0)
+    s1 = preprocessing(ops.ReLUConvBN, again)(C, affine=False, bn_groups=g, train=self.train,
+                                             name='preprocess1')(s1)
+    return s0, s1
 
   def _node(self, parts, edge_weights):
     """sum_j beta_j * edge_j; partial-channel edges are combined with their bypass."""
@@ -296,7 +302,7 @@ def inner_schedule(steps: int) -> tuple[int, list[list[tuple[int, int]]]]:
   return width, rounds
 
 
-class ScannedCell(nn.Module):
+class ScannedCell(SearchCell):
   """A DARTS search cell whose program holds two mixed ops where ``SearchCell``'s holds
   one per source state (five): the edges leaving the two inputs as one mixed op vmapped
   over 2 x ``steps`` edges, and the edges between intermediate nodes as a ``lax.scan``
@@ -306,27 +312,11 @@ class ScannedCell(nn.Module):
   (``scanned_variables`` maps a ``SearchCell``'s variables to this layout): a smaller
   program for GPU and TPU, whose compilers take minutes over the unrolled cells. Node
   sums are kept per node in a buffer (a last slot takes the padding edges, if any)."""
-  features: int
-  reduction: bool
-  reduction_prev: bool
-  train: bool
-  steps: int = 4
-  multiplier: int = 4
-  k: int = 1
-  sampling: str = 'shuffle'
-  primitives: tuple[str, ...] = PRIMITIVES
-  impl: str = 'auto'
-  bn_groups: int = 1
-  recompute_preprocessing: bool = False
 
   @nn.compact
   def __call__(self, s0, s1, op_weights, edge_weights):
-    C, g, again, n = self.features, self.bn_groups, self.recompute_preprocessing, self.steps
-    first = preprocessing(ops.FactorizedReduce if self.reduction_prev else ops.ReLUConvBN,
-                          again)
-    s0 = first(C, affine=False, bn_groups=g, train=self.train, name='preprocess0')(s0)
-    s1 = preprocessing(ops.ReLUConvBN, again)(C, affine=False, bn_groups=g, train=self.train,
-                                             name='preprocess1')(s1)
+    C, n = self.features, self.steps
+    s0, s1 = self._preprocess(s0, s1)
     if edge_weights is None:  # every edge weighs 1
       edge_weights = jnp.ones(op_weights.shape[:1], op_weights.dtype)
 
