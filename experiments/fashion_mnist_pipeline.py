@@ -48,6 +48,7 @@ from jaxnas import genotypes  # noqa: E402
 from jaxnas import search  # noqa: E402
 from jaxnas import summary as summary_lib  # noqa: E402
 from jaxnas import train  # noqa: E402
+from jaxnas.spaces import darts as darts_space  # noqa: E402
 
 PUBLISHED = ('DARTS_V2', 'PC_DARTS_cifar')
 GROUPS = protocol_report.GROUPS
@@ -68,6 +69,9 @@ _TRAIN_ARG = flags.DEFINE_string('train_variant', None,
                                  'Variant of eval_fashion_mnist.py (e.g. smoke).')
 _SEARCH_ARG = flags.DEFINE_string('search_variant', None,
                                   'Variant of pcdarts_fashion_mnist.py (e.g. smoke).')
+_COST = flags.DEFINE_float(
+    'cost_penalty', 0.0, 'Derive each searched cell from its search\'s arch params with '
+    'this cost penalty (darts.derive_genotype); 0: the search\'s own genotype.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None,
                                 'Fashion-MNIST IDX files (default: the Debian package).')
 _CACHE = flags.DEFINE_string('compilation_cache_dir', None,
@@ -123,6 +127,18 @@ def run_search(seed: int, workdir: str) -> dict:
           'genotype': genotypes.format_genotype(genotypes.load(workdir))}
 
 
+def cost_aware_cell(search_workdir: str, path: str, penalty: float) -> str:
+  """Writes (once) the cell that ``penalty`` derives from a finished search's arch
+  params to ``path``; returns ``path``."""
+  if not os.path.exists(path):
+    m = _read_json(os.path.join(search_workdir, 'config.json'))['model']
+    with np.load(os.path.join(search_workdir, 'arch.npz')) as arch:
+      genotype = darts_space.derive_genotype(
+          dict(arch), m['steps'], tuple(m['primitives']), cost_penalty=penalty, C=m['C'])
+    genotypes.save(genotype, path, cost_penalty=penalty, search=search_workdir)
+  return path
+
+
 def finished_training(workdir: str):
   summary = _read_json(os.path.join(workdir, summary_lib.SUMMARY_FILE))
   return summary if summary and 'result' in summary else None
@@ -160,7 +176,12 @@ def main(argv):
     workdir = os.path.join(root, f'search_seed{seed}')
     if 'searched' in _GROUPS.value:
       searches.append(run_search(seed, workdir))
-    cells.append({'name': f'searched_seed{seed}', 'group': 'searched', 'source': workdir})
+    if not _COST.value:
+      cells.append({'name': f'searched_seed{seed}', 'group': 'searched', 'source': workdir})
+    elif os.path.exists(os.path.join(workdir, genotypes.GENOTYPE_FILE)):
+      name = f'searched_cost{_COST.value:g}_seed{seed}'
+      cells.append({'name': name, 'group': 'searched', 'source': cost_aware_cell(
+          workdir, os.path.join(root, f'{name}.json'), _COST.value)})
   cells += [{'name': name, 'group': 'published', 'source': name}
             for name in _PUBLISHED.value]
   rng = np.random.default_rng(_RANDOM_SEED.value)
@@ -177,7 +198,7 @@ def main(argv):
     for seed in map(int, _TRAIN_SEEDS.value):
       workdir = os.path.join(root, f'train_{cell["name"]}_seed{seed}')
       run = cell['group'] in _GROUPS.value
-      if cell['group'] == 'searched' and not os.path.exists(
+      if os.path.isdir(cell['source']) and not os.path.exists(
           os.path.join(cell['source'], genotypes.GENOTYPE_FILE)):
         run = False  # its search has not finished (another process runs it)
       record = retrain(cell, seed, workdir, run)

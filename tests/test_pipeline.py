@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxnas import genotypes
+from jaxnas.spaces import darts
 from test_data import write_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,3 +127,27 @@ def test_smoke_protocol_reads_finished_runs_back(smoke_protocol):
     second = json.load(f)
   assert second['cells'] == report['cells']
   assert 'Training done' not in again.stdout and 'Compiled' not in again.stdout
+
+
+def test_smoke_protocol_derives_cost_aware_cells_from_the_arch_params(smoke_protocol):
+  # --cost_penalty re-derives each searched cell from its search's arch params (no new
+  # search); only the random group runs, so the new cell's trainings are listed missing.
+  root, _, _, args, env = smoke_protocol
+  args = [a for a in args if not a.startswith(('--out=', '--train_seeds='))] + [
+      '--cost_penalty=100', '--groups=random', '--train_seeds=0',
+      f'--out={root / "cost.json"}']
+  done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(root / 'search_seed0' / 'config.json') as f:
+    m = json.load(f)['model']
+  with np.load(root / 'search_seed0' / 'arch.npz') as arch:
+    expected = darts.derive_genotype(dict(arch), m['steps'], tuple(m['primitives']),
+                                     cost_penalty=100.0, C=m['C'])
+  assert genotypes.load(str(root / 'searched_cost100_seed0.json')) == expected
+  # A penalty of 100 leaves only weight-free ops.
+  assert all(op in ('max_pool_3x3', 'avg_pool_3x3', 'skip_connect')
+             for op, _ in expected.normal)
+  with open(root / 'cost.json') as f:
+    report = json.load(f)
+  assert report['missing'] == [str(root / 'train_searched_cost100_seed0_seed0')]
+  assert [c['cell'] for c in report['cells']] == ['random_0']

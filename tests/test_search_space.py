@@ -629,6 +629,54 @@ def test_derive_genotype_recovers_published_cells(name):
   assert derived == genotypes.validate(g)
 
 
+def test_op_params_count_each_ops_weights():
+  # sep: two (depthwise k*k*C + pointwise C*C); dil: one; FactorizedReduce: 2 * (C/2 * C).
+  C8 = 8
+  assert darts.op_params('sep_conv_3x3', C8) == 2 * (9 * C8 + C8 * C8) == 272
+  assert darts.op_params('sep_conv_5x5', C8) == 2 * (25 * C8 + C8 * C8)
+  assert darts.op_params('dil_conv_5x5', C8) == 25 * C8 + C8 * C8
+  assert darts.op_params('skip_connect', C8) == 0
+  assert darts.op_params('skip_connect', C8, stride=2) == C8 * C8
+  assert darts.op_params('max_pool_3x3', C8, stride=2) == 0
+  costs = darts.op_costs(PRIMITIVES, C8)
+  assert costs[PRIMITIVES.index('sep_conv_5x5')] == 1.0
+  np.testing.assert_allclose(costs[PRIMITIVES.index('sep_conv_3x3')], 272 / 528)
+
+
+def _two_op_alphas(gap, seed):
+  """Alphas where every edge prefers sep_conv_5x5 over max_pool_3x3 by ``gap`` logits."""
+  a = np.random.default_rng(seed).normal(0, 1e-3, (14, len(PRIMITIVES)))
+  a[:, PRIMITIVES.index('sep_conv_5x5')] += gap
+  a[:, PRIMITIVES.index('max_pool_3x3')] += gap - 0.1
+  return a
+
+
+def test_cost_penalty_trades_weight_for_cost():
+  arch = {'alphas_normal': _alphas(_spec(NORMAL)), 'alphas_reduce': _alphas(_spec(REDUCE), 1)}
+  assert darts.derive_genotype(arch, cost_penalty=0.0) == darts.derive_genotype(arch)
+  # sep_conv_5x5 leads max_pool_3x3 by 0.1 logits on every edge: a penalty below 0.1
+  # (per the heaviest op's weights) keeps it, one above swaps it for the free op.
+  arch = {'alphas_normal': _two_op_alphas(1.0, 0), 'alphas_reduce': _two_op_alphas(1.0, 1)}
+  ops_of = lambda g: {op for op, _ in g.normal + g.reduce}
+  assert ops_of(darts.derive_genotype(arch, cost_penalty=0.05, C=8)) == {'sep_conv_5x5'}
+  assert ops_of(darts.derive_genotype(arch, cost_penalty=0.2, C=8)) == {'max_pool_3x3'}
+  # Edges are ranked by penalized score: a cheap edge overtakes a stronger costly one.
+  a = np.zeros((14, len(PRIMITIVES)))
+  a[0, PRIMITIVES.index('sep_conv_5x5')] = 2.0  # node 0, input 0: strong but heavy
+  a[1, PRIMITIVES.index('skip_connect')] = 1.8  # node 0, input 1: a little weaker, free
+  a[2:, PRIMITIVES.index('avg_pool_3x3')] = 1.0
+  arch = {'alphas_normal': a, 'alphas_reduce': a}
+  plain = darts.derive_genotype(arch, C=8)
+  assert plain.normal[:2] == [('sep_conv_5x5', 0), ('skip_connect', 1)]
+  costly = darts.derive_genotype(arch, cost_penalty=0.5, C=8)
+  assert costly.normal[:2] == [('skip_connect', 1), ('sep_conv_5x5', 0)]
+  # In a reduction cell skip_connect from an input is a FactorizedReduce (C*C weights).
+  assert darts.op_costs(PRIMITIVES, 8, 2)[PRIMITIVES.index('skip_connect')] == 64 / 528
+  for bad in (-0.1, float('nan'), float('inf')):
+    with pytest.raises(ValueError, match='cost_penalty'):
+      darts.derive_genotype(arch, cost_penalty=bad)
+
+
 # --- the scanned cell (GPU / TPU form) --------------------------------------------------------
 
 

@@ -554,13 +554,43 @@ def torch_bias_init(fan_in: int):
                                                                    bound)
 
 
+@functools.lru_cache(maxsize=None)
+def op_params(primitive: str, C: int, stride: int = 1) -> int:
+  """The weights of ``primitive`` on one edge of ``C`` channels (BN without affine, as
+  in the search), counted from the op's own init."""
+  op = ops.make_op(primitive, C, stride, affine=False)
+  shapes = jax.eval_shape(lambda: op.init(jax.random.key(0), jnp.zeros((1, 8, 8, C)),
+                                          train=False))
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes.get('params', {}))))
+
+
+def op_costs(primitives: tuple[str, ...], C: int, stride: int = 1) -> np.ndarray:
+  """Each primitive's weights on an edge of ``C`` channels at ``stride``, as a fraction
+  of the heaviest primitive's at stride 1 (so sep_conv_5x5 is 1, the pools 0)."""
+  heaviest = max(op_params(p, C) for p in primitives)
+  return np.array([op_params(p, C, stride) for p in primitives], np.float64) / max(heaviest, 1)
+
+
 def derive_genotype(arch: dict[str, Any], steps: int = 4,
-                    primitives: tuple[str, ...] = PRIMITIVES) -> genotypes.Genotype:
+                    primitives: tuple[str, ...] = PRIMITIVES, *,
+                    cost_penalty: float = 0.0, C: int = 16) -> genotypes.Genotype:
   """The discrete cell of the reference: for each node keep the two incoming edges with
   the largest non-'none' weight, each with its strongest non-'none' op. With betas, each
-  edge's op weights are first scaled by its normalized beta (PC-DARTS)."""
+  edge's op weights are first scaled by its normalized beta (PC-DARTS).
+
+  ``cost_penalty`` > 0 makes the choice cost-aware: an op's score is its log weight less
+  ``cost_penalty`` times its weights as a fraction of the heaviest op's
+  (:func:`op_costs` at ``C`` channels; a reduction cell's edges from its inputs at
+  stride 2); ops and edges are ranked by score. 0 is the reference's rule.
+  """
+  if not (cost_penalty >= 0 and np.isfinite(cost_penalty)):
+    raise ValueError(f'cost_penalty must be a finite number >= 0, got {cost_penalty}.')
   arch = {k: np.asarray(v, np.float64) for k, v in arch.items()}
   candidates = [k for k, p in enumerate(primitives) if p != 'none']
+  if cost_penalty:
+    costs = {s: op_costs(tuple(primitives), C, s) * cost_penalty for s in (1, 2)}
+  else:
+    costs = {1: np.zeros(len(primitives)), 2: np.zeros(len(primitives))}
 
   def parse(kind):
     a = arch[f'alphas_{kind}']
@@ -568,9 +598,13 @@ def derive_genotype(arch: dict[str, Any], steps: int = 4,
     w /= w.sum(-1, keepdims=True)
     if f'betas_{kind}' in arch:
       w = w * np.asarray(pc.edge_normalization(jnp.asarray(arch[f'betas_{kind}']), steps))[:, None]
+    with np.errstate(divide='ignore'):
+      score = np.log(w)
     gene = []
     for i in range(steps):
-      rows = w[edge_index(i, 0):edge_index(i, 0) + i + 2]
+      rows = score[edge_index(i, 0):edge_index(i, 0) + i + 2]
+      rows = [rows[j] - costs[2 if kind == 'reduce' and j < 2 else 1]
+              for j in range(i + 2)]
       strength = [max(rows[j][k] for k in candidates) for j in range(i + 2)]
       for j in sorted(range(i + 2), key=lambda j: -strength[j])[:2]:
         best = max(candidates, key=lambda k: rows[j][k])
