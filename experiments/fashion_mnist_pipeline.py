@@ -122,9 +122,11 @@ def run_search(seed: int, workdir: str) -> dict:
   if not os.path.exists(os.path.join(workdir, genotypes.GENOTYPE_FILE)):
     search.run_search(search_config(seed), workdir)
   meta = _read_json(os.path.join(workdir, genotypes.GENOTYPE_FILE))
+  primitives = _read_json(os.path.join(workdir, 'config.json'))['model']['primitives']
   return {'seed': seed, 'workdir': workdir, 'wall_s': meta.get('wall_s'),
           'arch_split_acc': meta.get('arch_split_acc'),
-          'genotype': genotypes.format_genotype(genotypes.load(workdir))}
+          'genotype': genotypes.format_genotype(genotypes.load(workdir)),
+          'arch_weights': protocol_report.arch_weights(meta, primitives)}
 
 
 def cost_aware_cell(search_workdir: str, path: str, penalty: float) -> str:

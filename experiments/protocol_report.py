@@ -80,3 +80,19 @@ def table(report: dict) -> str:
     lines.append(f'| **searched − random** | | | | | {100 * gap["val_top1"]:+.2f} points | | '
                  f'{100 * gap["test_top1"]:+.2f} points |')
   return '\n'.join(lines)
+
+
+def arch_weights(arch: dict, primitives) -> dict:
+  """How decided a DARTS search's arch params are, per cell kind: each op's mean softmax
+  weight over the edges, and the median over edges of the logit lead of the strongest
+  non-'none' op over the second (the margin the final per-edge argmax rests on)."""
+  out = {}
+  keep = [k for k, p in enumerate(primitives) if p != 'none']
+  for kind in ('normal', 'reduce'):
+    a = np.asarray(arch[f'alphas_{kind}'], np.float64)
+    w = np.exp(a - a.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    top2 = np.sort(a[:, keep], axis=-1)[:, -2:]
+    out[kind] = {'mean_weight': dict(zip(primitives, w.mean(0).round(4).tolist())),
+                 'median_margin': float(np.median(top2[:, 1] - top2[:, 0]))}
+  return out

@@ -45,10 +45,9 @@ def test_checkpoint_written_on_8_devices_restores_on_1_and_4(search_checks):
     assert r[f'restore_{n}_ok'] and r[f'restore_{n}_step'] == 3
     assert r[f'restore_{n}_devices'] == [n]  # every leaf lies on the new mesh
     assert r[f'restore_{n}_diff'] == 0.0
-  for n in (1, 4):
-    name = f'resumed_on_{n}'
-    assert r[f'{name}_start_steps'] == [0, 3]  # the second run started from step 3
-    assert r[f'{name}_genotype'] == r['full_8_genotype']
-    assert r[f'{name}_arch_diff'] < 1e-5
-    np.testing.assert_allclose(r[f'{name}_arch_split_loss'], r['full_8_arch_split_loss'],
-                               rtol=1e-5)
+  # Resumed on 1 device (a program of its own, from the 8-device checkpoint).
+  assert r['resumed_on_1_start_steps'] == [0, 3]  # the second run started from step 3
+  assert r['resumed_on_1_genotype'] == r['full_8_genotype']
+  assert r['resumed_on_1_arch_diff'] < 1e-5
+  np.testing.assert_allclose(r['resumed_on_1_arch_split_loss'], r['full_8_arch_split_loss'],
+                             rtol=1e-5)

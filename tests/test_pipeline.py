@@ -151,3 +151,21 @@ def test_smoke_protocol_derives_cost_aware_cells_from_the_arch_params(smoke_prot
     report = json.load(f)
   assert report['missing'] == [str(root / 'train_searched_cost100_seed0_seed0')]
   assert [c['cell'] for c in report['cells']] == ['random_0']
+
+
+def test_arch_weights_report_mean_weights_and_the_argmax_margin():
+  a = np.zeros((14, len(genotypes.PRIMITIVES)))
+  a[:, genotypes.PRIMITIVES.index('sep_conv_5x5')] = 0.3
+  a[:, genotypes.PRIMITIVES.index('max_pool_3x3')] = 0.1
+  a[:, genotypes.PRIMITIVES.index('none')] = 0.5  # 'none' never counts in the margin
+  a[:7, genotypes.PRIMITIVES.index('max_pool_3x3')] = 0.25  # half the edges: lead 0.05
+  out = pipeline.arch_weights({'alphas_normal': a, 'alphas_reduce': a[::-1]},
+                              genotypes.PRIMITIVES)
+  for kind in ('normal', 'reduce'):
+    assert out[kind]['median_margin'] == pytest.approx((0.05 + 0.2) / 2)
+    w = out[kind]['mean_weight']
+    assert sum(w.values()) == pytest.approx(1.0, abs=1e-3)
+    # none, sep_conv_5x5, max_pool_3x3 and five ops at 0.
+    total = lambda pool: np.exp(0.5) + np.exp(0.3) + np.exp(pool) + 5  # noqa: E731
+    expected = (np.exp(0.3) / total(0.1) + np.exp(0.3) / total(0.25)) / 2
+    assert w['sep_conv_5x5'] == pytest.approx(expected, abs=1e-4)

@@ -80,7 +80,7 @@ def test_recomputed_search_network_gradients_and_statistics(random_variables):
   # two programs' different float32 summation orders differ by up to 5e-3 of a leaf's
   # largest gradient, a figure no tolerance can tell from a wrong recomputation.
   # In float64 they agree to about 1e-12.
-  net = darts.SearchNetwork(10, C=4, layers=2, k=4, sampling='random',
+  net = darts.SearchNetwork(10, C=4, layers=2, steps=2, multiplier=2, k=4, sampling='random',
                             edge_normalization=True,
                             primitives=('none', 'max_pool_3x3', 'skip_connect', 'dil_conv_3x3'))
   with jax.enable_x64(True):

@@ -488,7 +488,8 @@ def test_cpu_path_gradients_equal_the_xla_path(random_variables):
   # impl 'shifted' (the CPU path: shifted-sum depthwise convs, matmul channel selection,
   # ops.scale for the mixing weights) against 'xla' (grouped convs, slices, products), in
   # float64 so that the two summation orders agree to far below any wrong rule's error.
-  net = darts.SearchNetwork(10, C=4, layers=3, k=4, sampling='shuffle',
+  # Two nodes per cell keep the float64 programs small; layers=3 has both cell kinds.
+  net = darts.SearchNetwork(10, C=4, layers=3, steps=2, multiplier=2, k=4, sampling='shuffle',
                             edge_normalization=True, impl='xla')
   x = _x((2, 8, 8, 3), seed=51)
   v = random_variables(net, x, True, rngs=RNGS)
