@@ -178,12 +178,13 @@ def main(argv):
     workdir = os.path.join(root, f'search_seed{seed}')
     if 'searched' in _GROUPS.value:
       searches.append(run_search(seed, workdir))
-    if not _COST.value:
-      cells.append({'name': f'searched_seed{seed}', 'group': 'searched', 'source': workdir})
-    elif os.path.exists(os.path.join(workdir, genotypes.GENOTYPE_FILE)):
+    name, source = f'searched_seed{seed}', workdir
+    if _COST.value:
       name = f'searched_cost{_COST.value:g}_seed{seed}'
-      cells.append({'name': name, 'group': 'searched', 'source': cost_aware_cell(
-          workdir, os.path.join(root, f'{name}.json'), _COST.value)})
+      if os.path.exists(os.path.join(workdir, genotypes.GENOTYPE_FILE)):
+        source = cost_aware_cell(workdir, os.path.join(root, f'{name}.json'), _COST.value)
+    # A search not finished yet stays its workdir: its trainings wait and are listed missing.
+    cells.append({'name': name, 'group': 'searched', 'source': source})
   cells += [{'name': name, 'group': 'published', 'source': name}
             for name in _PUBLISHED.value]
   rng = np.random.default_rng(_RANDOM_SEED.value)

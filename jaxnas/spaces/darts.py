@@ -587,10 +587,8 @@ def derive_genotype(arch: dict[str, Any], steps: int = 4,
     raise ValueError(f'cost_penalty must be a finite number >= 0, got {cost_penalty}.')
   arch = {k: np.asarray(v, np.float64) for k, v in arch.items()}
   candidates = [k for k, p in enumerate(primitives) if p != 'none']
-  if cost_penalty:
-    costs = {s: op_costs(tuple(primitives), C, s) * cost_penalty for s in (1, 2)}
-  else:
-    costs = {1: np.zeros(len(primitives)), 2: np.zeros(len(primitives))}
+  costs = {s: cost_penalty * op_costs(tuple(primitives), C, s) if cost_penalty else 0.0
+           for s in (1, 2)}  # per stride
 
   def parse(kind):
     a = arch[f'alphas_{kind}']
