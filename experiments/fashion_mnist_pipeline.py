@@ -45,6 +45,7 @@ import protocol_report  # noqa: E402  (experiments/, beside this script)
 from configs import eval_fashion_mnist  # noqa: E402
 from configs import pcdarts_fashion_mnist  # noqa: E402
 from jaxnas import genotypes  # noqa: E402
+from jaxnas import perturbation  # noqa: E402
 from jaxnas import search  # noqa: E402
 from jaxnas import summary as summary_lib  # noqa: E402
 from jaxnas import train  # noqa: E402
@@ -72,6 +73,10 @@ _SEARCH_ARG = flags.DEFINE_string('search_variant', None,
 _COST = flags.DEFINE_float(
     'cost_penalty', 0.0, 'Derive each searched cell from its search\'s arch params with '
     'this cost penalty (darts.derive_genotype); 0: the search\'s own genotype.')
+_PERTURB = flags.DEFINE_integer(
+    'perturbation_examples', 0, 'Select each searched cell by perturbation '
+    '(jaxnas.perturbation: the rise of the supernet\'s held-out loss when each op or '
+    'edge is taken out) on this many arch-split images; 0: the search\'s own genotype.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None,
                                 'Fashion-MNIST IDX files (default: the Debian package).')
 _CACHE = flags.DEFINE_string('compilation_cache_dir', None,
@@ -141,6 +146,17 @@ def cost_aware_cell(search_workdir: str, path: str, penalty: float) -> str:
   return path
 
 
+def perturbation_cell(seed: int, search_workdir: str, path: str) -> str:
+  """Writes (once) the cell that perturbation selects from a finished search to
+  ``path``; returns ``path``."""
+  if not os.path.exists(path):
+    genotype, scores = perturbation.select(search_config(seed), search_workdir,
+                                           _PERTURB.value)
+    genotypes.save(genotype, path, perturbation_examples=scores['num_examples'],
+                   search=search_workdir)
+  return path
+
+
 def finished_training(workdir: str):
   summary = _read_json(os.path.join(workdir, summary_lib.SUMMARY_FILE))
   return summary if summary and 'result' in summary else None
@@ -169,6 +185,9 @@ def main(argv):
   unknown = set(_GROUPS.value) - set(GROUPS)
   if unknown:
     raise app.UsageError(f'--groups has {sorted(unknown)}; choose from {GROUPS}.')
+  if _COST.value and _PERTURB.value:
+    raise app.UsageError('--cost_penalty and --perturbation_examples are two ways to '
+                         'select a searched cell; give one.')
   t_start = time.perf_counter()
   root = _WORKDIR.value
   os.makedirs(root, exist_ok=True)
@@ -179,10 +198,15 @@ def main(argv):
     if 'searched' in _GROUPS.value:
       searches.append(run_search(seed, workdir))
     name, source = f'searched_seed{seed}', workdir
+    finished = os.path.exists(os.path.join(workdir, genotypes.GENOTYPE_FILE))
     if _COST.value:
       name = f'searched_cost{_COST.value:g}_seed{seed}'
-      if os.path.exists(os.path.join(workdir, genotypes.GENOTYPE_FILE)):
+      if finished:
         source = cost_aware_cell(workdir, os.path.join(root, f'{name}.json'), _COST.value)
+    elif _PERTURB.value:
+      name = f'searched_pt{_PERTURB.value}_seed{seed}'
+      if finished:
+        source = perturbation_cell(seed, workdir, os.path.join(root, f'{name}.json'))
     # A search not finished yet stays its workdir: its trainings wait and are listed missing.
     cells.append({'name': name, 'group': 'searched', 'source': source})
   cells += [{'name': name, 'group': 'published', 'source': name}

@@ -56,43 +56,6 @@ def one_step(num_devices, batch_norm, batches, remat=False):
           kernel_batches(compiled.as_text()))
 
 
-def unas_step(num_devices, batches):
-  """State and metrics after one UNAS step (arch + weight phase, one architecture per
-  example, REBAR, gen-gap objective) on a fresh state."""
-  from test_unas import tiny_config as unas_tiny_config  # pylint: disable=g-import-not-at-top
-  from jaxnas.methods import unas  # pylint: disable=g-import-not-at-top
-  config = unas_tiny_config()
-  config.optim.warmup_epochs = 0  # the arch phase runs at step 0
-  mesh = parallel.make_mesh(num_devices)
-  model = unas.METHOD.build_model(config, 10, mesh.size)
-  weight_tx, arch_tx = unas.METHOD.make_optimizers(config, 3)
-  state = unas.METHOD.create_state(model, IMAGE, weight_tx, arch_tx, config, mesh)
-  step = search.jit_search_step(
-      search.make_search_step(model, weight_tx, arch_tx, config, 3), mesh)
-  train, val = (parallel.shard_batch(b, mesh) for b in batches)
-  state, metrics = step(state, train, val)
-  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
-  return jax.device_get(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
-def fpnas_step(num_devices, batches):
-  """State and metrics after one FP-NAS step (K adaptive, 3 of a scan of 4, the arch
-  phase on) on a fresh state."""
-  from test_fpnas import tiny_config as fpnas_tiny_config  # pylint: disable=g-import-not-at-top
-  from jaxnas.methods import fpnas  # pylint: disable=g-import-not-at-top
-  config = fpnas_tiny_config(sample_scale=1e-3, min_samples=3, max_samples=4)
-  mesh = parallel.make_mesh(num_devices)
-  model = fpnas.FPNAS.build_model(config, 10, mesh.size)
-  weight_tx, arch_tx = fpnas.FPNAS.make_optimizers(config, 3)
-  state = fpnas.FPNAS.create_state(model, IMAGE, weight_tx, arch_tx, config, mesh)
-  step = search.jit_search_step(
-      search.make_search_step(model, weight_tx, arch_tx, config, 3), mesh)
-  train, val = (parallel.shard_batch(b, mesh) for b in batches)
-  state, metrics = step(state, train, val)
-  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
-  return jax.device_get(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
 # Which of a native kernel's arrays hold samples (as [*edges, N, H, W, C]): the output
 # and then its operands in order. The filters and the weight gradient do not.
 _SAMPLED = {native_lib.CONV_TARGET: (True, True, False),
@@ -119,22 +82,7 @@ def check_step() -> dict:
   eight, m_eight, kernels_8 = one_step(8, 'sync', batches)
   per_device, m_per_device, _ = one_step(8, 'per_device', batches)
   remat, _, _ = one_step(8, 'sync', batches, remat=True)
-  unas_1, m_unas_1 = unas_step(1, batches)
-  unas_8, m_unas_8 = unas_step(8, batches)
-  fpnas_1, m_fpnas_1 = fpnas_step(1, batches)
-  fpnas_8, m_fpnas_8 = fpnas_step(8, batches)
   out = {
-      'fpnas_params_diff': max_diff(fpnas_1.params, fpnas_8.params),
-      'fpnas_arch_diff': max_diff(fpnas_1.arch, fpnas_8.arch),
-      'fpnas_batch_stats_diff': max_diff(fpnas_1.batch_stats, fpnas_8.batch_stats),
-      'fpnas_arch_moved': max_diff(fpnas_1.arch, jax.tree.map(jnp.zeros_like, fpnas_1.arch)),
-      'fpnas_num_samples': m_fpnas_8['num_samples'],
-      'fpnas_val_loss_1': m_fpnas_1['val_loss'], 'fpnas_val_loss_8': m_fpnas_8['val_loss'],
-      'unas_params_diff': max_diff(unas_1.params, unas_8.params),
-      'unas_arch_diff': max_diff(unas_1.arch, unas_8.arch),
-      'unas_batch_stats_diff': max_diff(unas_1.batch_stats, unas_8.batch_stats),
-      'unas_arch_moved': max_diff(unas_1.arch, jax.tree.map(jnp.zeros_like, unas_1.arch)),
-      'unas_val_loss_1': m_unas_1['val_loss'], 'unas_val_loss_8': m_unas_8['val_loss'],
       'devices': jax.device_count(),
       'kernels_1': kernels_1, 'kernels_8': kernels_8,
       'sync_params_diff': max_diff(one.params, eight.params),

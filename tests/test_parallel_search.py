@@ -29,6 +29,9 @@ def test_sharded_search_finds_the_unsharded_genotype(search_checks):
 
 
 def test_sharded_unas_search_finds_the_unsharded_architecture(search_checks):
+  """UNAS draws one architecture per example of the global batch: on 8 devices each
+  device scores its rows' samples, and the whole search (warm-up, arch and weight
+  steps, held-out loss) is the one-device search."""
   r = search_checks
   assert r['unas_8_steps'] == r['unas_1_steps'] == 6
   assert r['unas_8_genotype'] == r['unas_1_genotype']

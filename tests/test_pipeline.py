@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxnas import genotypes
+from jaxnas import perturbation
 from jaxnas.spaces import darts
 from test_data import write_fashion_mnist
 
@@ -151,6 +152,47 @@ def test_smoke_protocol_derives_cost_aware_cells_from_the_arch_params(smoke_prot
     report = json.load(f)
   assert report['missing'] == [str(root / 'train_searched_cost100_seed0_seed0')]
   assert [c['cell'] for c in report['cells']] == ['random_0']
+
+
+def test_perturbation_selects_a_cell_from_the_smoke_search(smoke_protocol):
+  # The selection scores the search's last checkpoint (in this process); the protocol's
+  # --perturbation_examples then reads the scores back and writes the cell.
+  root, _, _, args, env = smoke_protocol
+  from configs import pcdarts_fashion_mnist  # pylint: disable=g-import-not-at-top
+  config = pcdarts_fashion_mnist.get_config('smoke')
+  config.seed = 0
+  config.data.source = 'idx'
+  config.data.data_dir = next(a.split('=', 1)[1] for a in args if a.startswith('--data_dir='))
+  work = str(root / 'search_seed0')
+  genotype, scores = perturbation.select(config, work, 64, progress=False)
+  assert (scores['num_examples'], scores['batch_size'], scores['step']) == (64, 64, 6)
+  primitives = scores['primitives']
+  none = primitives.index('none')
+  ops, edges = {}, {}
+  for kind in ('normal', 'reduce'):
+    ops[kind] = np.array(scores['op_loss_rise'][kind], dtype=float)
+    edges[kind] = np.array(scores['edge_loss_rise'][kind])
+    assert ops[kind].shape == (darts.num_edges(2), len(primitives))
+    assert np.isnan(ops[kind][:, none]).all()  # 'none' is never taken out or chosen
+    scored = np.delete(ops[kind], none, axis=1)
+    assert np.isfinite(scored).all() and np.abs(scored).max() > 0
+    assert np.isfinite(edges[kind]).all() and np.abs(edges[kind]).max() > 0
+  assert genotype == perturbation.genotype_from_scores(ops, edges, 2, primitives)
+  assert genotypes.to_json(genotype) == scores['genotype']
+  # Paired differences on one channel draw: scoring again gives the same numbers.
+  os.rename(os.path.join(work, perturbation.SCORES_FILE), os.path.join(work, 'first.json'))
+  _, again = perturbation.select(config, work, 64, progress=False)
+  assert again['op_loss_rise'] == scores['op_loss_rise'] and again['base_loss'] == scores['base_loss']
+
+  args = [a for a in args if not a.startswith(('--out=', '--train_seeds='))] + [
+      '--perturbation_examples=64', '--groups=random', '--train_seeds=0',
+      f'--out={root / "pt.json"}']
+  done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'removals scored' not in done.stdout  # read back, not scored again
+  assert genotypes.load(str(root / 'searched_pt64_seed0.json')) == genotype
+  with open(root / 'pt.json') as f:
+    assert json.load(f)['missing'] == [str(root / 'train_searched_pt64_seed0_seed0')]
 
 
 def test_arch_weights_report_mean_weights_and_the_argmax_margin():
