@@ -16,15 +16,25 @@ statistics of each eval batch, as in the search step, so a removal is not judged
 against running statistics gathered with the op in place; the channel draw of partial
 connections is one fixed key for all evaluations, so every score is a paired
 difference.
+
+  python -m jaxnas.perturbation --config=configs/pcdarts_fashion_mnist.py \
+      --workdir=/tmp/fmnist --out=/tmp/fmnist_pt.json
+
+scores the finished search in --workdir (run with that --config) and writes the cell to
+--out, for an evaluation config's ``genotype``.
 """
 
 import json
 import os
+import sys
 from typing import Any
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import config_flags
 import optax
 
 from jaxnas import checkpoint as ckpt_lib
@@ -185,3 +195,36 @@ def select(config, workdir: str, num_examples: int = 500, batch_size: int | None
             'edge_loss_rise': tolist(edge_scores), 'edge_acc_drop': tolist(edge_acc)}
   files.write_text(path, json.dumps(result, indent=1))
   return genotype, result
+
+
+def main():
+  """The command line (flags defined here: the module is also imported by scripts with
+  flags of their own)."""
+  config_flag = config_flags.DEFINE_config_file('config', None, 'The search\'s config file.',
+                                                lock_config=True)
+  workdir_flag = flags.DEFINE_string('workdir', None, 'The finished search\'s workdir.')
+  examples = flags.DEFINE_integer('num_examples', 500, 'Held-out arch-split images.')
+  out_flag = flags.DEFINE_string('out', None, 'Where the selected genotype goes (JSON); '
+                                 'default WORKDIR/perturbation_genotype.json.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+  def run(argv):
+    del argv
+    config, workdir = config_flag.value, workdir_flag.value
+    try:
+      ckpt_lib.check_workdir_config(workdir, config)
+      genotype, scores = select(config, workdir, examples.value)
+    except (ValueError, FileNotFoundError, ckpt_lib.WorkdirError) as e:
+      print(f'jaxnas: error: {e}', file=sys.stderr, flush=True)
+      sys.exit(1)
+    out = out_flag.value or os.path.join(workdir, 'perturbation_genotype.json')
+    genotypes.save(genotype, out, perturbation_examples=scores['num_examples'],
+                   search=workdir)
+    print(f'{genotypes.format_genotype(genotype)}\nselected by perturbation on '
+          f'{scores["num_examples"]} images; written to {out}', flush=True)
+
+  app.run(run)
+
+
+if __name__ == '__main__':
+  main()

@@ -179,10 +179,22 @@ def test_perturbation_selects_a_cell_from_the_smoke_search(smoke_protocol):
     assert np.isfinite(edges[kind]).all() and np.abs(edges[kind]).max() > 0
   assert genotype == perturbation.genotype_from_scores(ops, edges, 2, primitives)
   assert genotypes.to_json(genotype) == scores['genotype']
-  # Paired differences on one channel draw: scoring again gives the same numbers.
-  os.rename(os.path.join(work, perturbation.SCORES_FILE), os.path.join(work, 'first.json'))
-  _, again = perturbation.select(config, work, 64, progress=False)
-  assert again['op_loss_rise'] == scores['op_loss_rise'] and again['base_loss'] == scores['base_loss']
+  # The command line: the scores read back, the cell written where --out says; a config
+  # other than the search's is refused in one sentence.
+  cli = [sys.executable, '-m', 'jaxnas.perturbation',
+         f'--config={os.path.join(REPO, "configs", "pcdarts_fashion_mnist.py")}:smoke',
+         '--config.seed=0', '--config.data.source=idx',
+         f'--config.data.data_dir={config.data.data_dir}', f'--workdir={work}',
+         '--num_examples=64', f'--out={root / "cli_pt.json"}']
+  done = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'removals scored' not in done.stdout
+  assert genotypes.load(str(root / 'cli_pt.json')) == genotype
+  done = subprocess.run(cli[:4] + ['--config.seed=1'] + cli[5:], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1].startswith('jaxnas: error: ')
+  assert 'seed differ' in done.stderr
 
   args = [a for a in args if not a.startswith(('--out=', '--train_seeds='))] + [
       '--perturbation_examples=64', '--groups=random', '--train_seeds=0',
