@@ -4,7 +4,10 @@ The protocol a search result has to pass (Li & Talwalkar 2019; Yang et al. 2020)
 
 1. The quick PC-DARTS search (configs/pcdarts_fashion_mnist.py) from each of
    --search_seeds; each search's final genotype is its searched cell (nothing is picked
-   among them).
+   among them). With --perturbation_examples=N each searched cell is instead selected
+   from the search's trained supernet (jaxnas.perturbation, scored on N images of its arch
+   split); with --cost_penalty=λ it is re-derived from the arch params by the
+   cost-aware rule (darts.derive_genotype). Neither runs a new search.
 2. --num_random cells drawn uniformly from the same DARTS space
    (``genotypes.random_genotype``, seeded by --random_seed), and the published DARTS_V2
    and PC_DARTS_cifar cells.

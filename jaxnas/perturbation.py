@@ -95,6 +95,34 @@ def genotype_from_scores(op_scores: dict[str, np.ndarray], edge_scores: dict[str
   return genotypes.Genotype(parse('normal'), concat, parse('reduce'), concat)
 
 
+def _leaves(tree: dict, prefix: str = ''):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}', v
+
+
+def check_search_config(workdir: str, config) -> None:
+  """Refuses, in one sentence, a config that differs from the one the search in
+  ``workdir`` ran with in a field both have (a field that jaxnas gained after the search
+  ran is not a difference; nor are those a resumed run may change)."""
+  path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ckpt_lib.WorkdirError(f'{path} cannot be read ({e}); --workdir must be a search '
+                                'workdir.') from e
+  old = dict(_leaves(ckpt_lib._comparable(old)))  # pylint: disable=protected-access
+  new = dict(_leaves(ckpt_lib._comparable(json.loads(config.to_json_best_effort()))))  # pylint: disable=protected-access
+  diff = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+  if diff:
+    raise ckpt_lib.WorkdirError(
+        f'{workdir} holds a search run with a different config ({", ".join(diff[:5])} '
+        'differ); give the config the search ran with.')
+
+
 def make_loss_sums(model):
   """``sums(params, batch_stats, arch, batch, key)`` -> summed cross-entropy and correct
   predictions of the supernet with batch-statistics BN (its updates dropped)."""
@@ -212,7 +240,7 @@ def main():
     del argv
     config, workdir = config_flag.value, workdir_flag.value
     try:
-      ckpt_lib.check_workdir_config(workdir, config)
+      check_search_config(workdir, config)
       genotype, scores = select(config, workdir, examples.value)
     except (ValueError, FileNotFoundError, ckpt_lib.WorkdirError) as e:
       print(f'jaxnas: error: {e}', file=sys.stderr, flush=True)

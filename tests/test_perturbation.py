@@ -65,3 +65,19 @@ def test_select_refuses_a_search_of_another_method(tmp_path):
   config = unas.get_config()
   with pytest.raises(ValueError, match='method'):
     perturbation.select(config, str(tmp_path))
+
+
+def test_the_search_config_check_ignores_fields_added_since(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from jaxnas import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from jaxnas.methods import pcdarts  # pylint: disable=g-import-not-at-top
+  config = pcdarts.get_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved['model']['cell_form']  # a search from before the field existed
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  perturbation.check_search_config(str(tmp_path), config)
+  config.seed = 3
+  with pytest.raises(ckpt_lib.WorkdirError, match=r'\(seed differ\)'):
+    perturbation.check_search_config(str(tmp_path), config)
+  with pytest.raises(ckpt_lib.WorkdirError, match='cannot be read'):
+    perturbation.check_search_config(str(tmp_path / 'nowhere'), config)
