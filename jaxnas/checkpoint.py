@@ -137,6 +137,16 @@ def check_workdir_config(workdir: str, config) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
+  diff = config_differences(read_workdir_config(workdir), config)
+  if diff:
+    raise WorkdirError(
+        f'{workdir} holds a search with a different config ({", ".join(diff[:5])} differ); '
+        'use a new --workdir or the same config to resume it.')
+
+
+def read_workdir_config(workdir: str) -> dict:
+  """The config a workdir's run was started with (``WORKDIR/config.json``)."""
+  path = os.path.join(workdir, CONFIG_FILE)
   try:
     with open(path) as f:
       old = json.load(f)
@@ -145,20 +155,27 @@ def check_workdir_config(workdir: str, config) -> None:
   if not isinstance(old, dict):
     raise WorkdirError(f'{path} is not a config (a JSON object); move it away or use a new '
                        '--workdir.')
+  return old
+
+
+def config_differences(old: dict, config, shared_only: bool = False) -> list[str]:
+  """The dotted fields in which ``config`` differs from the saved config ``old``, those
+  a resumed run may change left out; with ``shared_only``, only fields both have (one
+  added to jaxnas after ``old`` was written is no difference)."""
   new = json.loads(config.to_json_best_effort())
-  old_c, new_c = _comparable(old), _comparable(new)
-  if old_c != new_c:
-    diff = sorted(_diff(old_c, new_c))
-    raise WorkdirError(
-        f'{workdir} holds a search with a different config ({", ".join(diff[:5])} differ); '
-        'use a new --workdir or the same config to resume it.')
+  return sorted(_diff(_comparable(old), _comparable(new), shared_only=shared_only))
 
 
-def _diff(a, b, prefix=''):
+_MISSING = object()  # a field one config has and the other lacks differs (even from None)
+
+
+def _diff(a, b, prefix='', shared_only=False):
   for k in sorted(set(a) | set(b)):
-    va, vb = a.get(k), b.get(k)
+    if shared_only and not (k in a and k in b):
+      continue
+    va, vb = a.get(k, _MISSING), b.get(k, _MISSING)
     if isinstance(va, dict) and isinstance(vb, dict):
-      yield from _diff(va, vb, f'{prefix}{k}.')
+      yield from _diff(va, vb, f'{prefix}{k}.', shared_only)
     elif va != vb:
       yield f'{prefix}{k}'
 

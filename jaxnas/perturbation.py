@@ -67,56 +67,16 @@ def removals(arch: dict[str, np.ndarray], primitives, kinds=('normal', 'reduce')
   return out
 
 
-def genotype_from_scores(op_scores: dict[str, np.ndarray], edge_scores: dict[str, np.ndarray],
-                         steps: int, primitives) -> genotypes.Genotype:
-  """The cell the scores select: for each node the two incoming edges whose removal
-  costs most, each with its non-'none' op whose removal costs most.
-
-  ``op_scores[kind]`` is [edges, ops] (NaN where not scored: 'none'); ``edge_scores[kind]``
-  is [edges]. Without edge scores (a space without betas) an edge is ranked by its
-  best op's score.
-  """
-  candidates = [k for k, p in enumerate(primitives) if p != 'none']
-
-  def parse(kind):
-    ops, edges = np.asarray(op_scores[kind]), edge_scores.get(kind)
-    gene = []
-    for i in range(steps):
-      first = darts_space.edge_index(i, 0)
-      rows = range(first, first + i + 2)
-      strength = [edges[e] if edges is not None else max(ops[e, k] for k in candidates)
-                  for e in rows]
-      for j in sorted(range(i + 2), key=lambda j: -strength[j])[:2]:
-        best = max(candidates, key=lambda k: ops[first + j, k])
-        gene.append((primitives[best], j))
-    return gene
-
-  concat = list(range(2, 2 + steps))
-  return genotypes.Genotype(parse('normal'), concat, parse('reduce'), concat)
-
-
-def _leaves(tree: dict, prefix: str = ''):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _leaves(v, f'{prefix}{k}.')
-    else:
-      yield f'{prefix}{k}', v
-
-
 def check_search_config(workdir: str, config) -> None:
   """Refuses, in one sentence, a config that differs from the one the search in
   ``workdir`` ran with in a field both have (a field that jaxnas gained after the search
   ran is not a difference; nor are those a resumed run may change)."""
   path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
-  try:
-    with open(path) as f:
-      old = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ckpt_lib.WorkdirError(f'{path} cannot be read ({e}); --workdir must be a search '
-                                'workdir.') from e
-  old = dict(_leaves(ckpt_lib._comparable(old)))  # pylint: disable=protected-access
-  new = dict(_leaves(ckpt_lib._comparable(json.loads(config.to_json_best_effort()))))  # pylint: disable=protected-access
-  diff = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+  if not os.path.exists(path):
+    raise ckpt_lib.WorkdirError(f'{path} cannot be read (there is no such file); --workdir '
+                                'must be a search workdir.')
+  diff = ckpt_lib.config_differences(ckpt_lib.read_workdir_config(workdir), config,
+                                     shared_only=True)
   if diff:
     raise ckpt_lib.WorkdirError(
         f'{workdir} holds a search run with a different config ({", ".join(diff[:5])} '
@@ -213,7 +173,8 @@ def select(config, workdir: str, num_examples: int = 500, batch_size: int | None
     if progress and (i + 1) % 25 == 0:
       print(f'perturbation: {i + 1}/{len(todo)} removals scored', flush=True)
 
-  genotype = genotype_from_scores(op_scores, edge_scores, config.model.steps, primitives)
+  genotype = darts_space.genotype_from_scores(op_scores, config.model.steps, primitives,
+                                              edge_scores)
   tolist = lambda d: {k: np.where(np.isnan(v), None, v).tolist() for k, v in d.items()}  # noqa: E731
   result = {'genotype': genotypes.to_json(genotype), 'num_examples': n,
             'requested_examples': num_examples,

@@ -49,14 +49,14 @@ def test_genotype_from_scores_keeps_the_costliest_edges_and_ops():
   ops[6, PRIMS.index('sep_conv_5x5')] = 5.0
   # Node 3 (edges 9-13): edges 13 and 9.
   edges[9:14] = [0.3, 0.1, 0.1, 0.1, 0.6]
-  g = perturbation.genotype_from_scores({'normal': ops, 'reduce': ops},
-                                        {'normal': edges, 'reduce': edges}, steps, PRIMS)
+  g = darts.genotype_from_scores({'normal': ops, 'reduce': ops}, steps, PRIMS,
+                                 {'normal': edges, 'reduce': edges})
   assert g.normal[:4] == [('avg_pool_3x3', 1), ('skip_connect', 0),
                           ('sep_conv_3x3', 2), ('dil_conv_3x3', 0)]
   assert [j for _, j in g.normal[4:]] == [2, 0, 4, 0]
   assert g.reduce == g.normal and g.normal_concat == [2, 3, 4, 5]
   # Without edge scores (no betas), an edge is as strong as its best op.
-  g = perturbation.genotype_from_scores({'normal': ops, 'reduce': ops}, {}, steps, PRIMS)
+  g = darts.genotype_from_scores({'normal': ops, 'reduce': ops}, steps, PRIMS)
   assert g.normal[4:6] == [('sep_conv_5x5', 1), ('max_pool_3x3', 0)]
 
 

@@ -177,7 +177,7 @@ def test_perturbation_selects_a_cell_from_the_smoke_search(smoke_protocol):
     scored = np.delete(ops[kind], none, axis=1)
     assert np.isfinite(scored).all() and np.abs(scored).max() > 0
     assert np.isfinite(edges[kind]).all() and np.abs(edges[kind]).max() > 0
-  assert genotype == perturbation.genotype_from_scores(ops, edges, 2, primitives)
+  assert genotype == darts.genotype_from_scores(ops, 2, primitives, edges)
   assert genotypes.to_json(genotype) == scores['genotype']
   # The command line: the scores read back, the cell written where --out says; a config
   # other than the search's is refused in one sentence.

@@ -586,11 +586,11 @@ def derive_genotype(arch: dict[str, Any], steps: int = 4,
   if not (cost_penalty >= 0 and np.isfinite(cost_penalty)):
     raise ValueError(f'cost_penalty must be a finite number >= 0, got {cost_penalty}.')
   arch = {k: np.asarray(v, np.float64) for k, v in arch.items()}
-  candidates = [k for k, p in enumerate(primitives) if p != 'none']
   costs = {s: cost_penalty * op_costs(tuple(primitives), C, s) if cost_penalty else 0.0
            for s in (1, 2)}  # per stride
 
-  def parse(kind):
+  scores = {}
+  for kind in ('normal', 'reduce'):
     a = arch[f'alphas_{kind}']
     w = np.exp(a - a.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
@@ -598,14 +598,32 @@ def derive_genotype(arch: dict[str, Any], steps: int = 4,
       w = w * np.asarray(pc.edge_normalization(jnp.asarray(arch[f'betas_{kind}']), steps))[:, None]
     with np.errstate(divide='ignore'):
       score = np.log(w)
+    # Edge by edge, in row order; a reduction cell's edges from its inputs at stride 2.
+    scores[kind] = np.stack([score[edge_index(i, j)]
+                             - costs[2 if kind == 'reduce' and j < 2 else 1]
+                             for i in range(steps) for j in range(i + 2)])
+  return genotype_from_scores(scores, steps, primitives)
+
+
+def genotype_from_scores(op_scores: dict[str, Any], steps: int,
+                         primitives: tuple[str, ...] = PRIMITIVES,
+                         edge_scores: dict[str, Any] | None = None) -> genotypes.Genotype:
+  """The cell that per-edge scores select: for each node the two incoming edges of
+  highest score, each with its highest-scoring non-'none' op. ``op_scores[kind]`` is
+  [edges, ops]; an edge's score is ``edge_scores[kind][edge]`` where given, else its
+  best op's."""
+  candidates = [k for k, p in enumerate(primitives) if p != 'none']
+
+  def parse(kind):
+    ops = np.asarray(op_scores[kind])
+    edges = (edge_scores or {}).get(kind)
     gene = []
     for i in range(steps):
-      rows = score[edge_index(i, 0):edge_index(i, 0) + i + 2]
-      rows = [rows[j] - costs[2 if kind == 'reduce' and j < 2 else 1]
-              for j in range(i + 2)]
-      strength = [max(rows[j][k] for k in candidates) for j in range(i + 2)]
+      rows = [edge_index(i, j) for j in range(i + 2)]
+      strength = [edges[e] if edges is not None else max(ops[e, k] for k in candidates)
+                  for e in rows]
       for j in sorted(range(i + 2), key=lambda j: -strength[j])[:2]:
-        best = max(candidates, key=lambda k: rows[j][k])
+        best = max(candidates, key=lambda k: ops[rows[j], k])
         gene.append((primitives[best], j))
     return gene
 
