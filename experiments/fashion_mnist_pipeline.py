@@ -18,6 +18,11 @@ The protocol a search result has to pass (Li & Talwalkar 2019; Yang et al. 2020)
    the network trains on the rest and is scored on them after every epoch. The test split
    is scored once, after the last step, and only reported.
 
+--search_set changes fields of the search config (``model.edge_normalization=False``), so
+a remedy runs in a workdir of its own. --reference_report reads the random and published
+cells' trainings from an earlier report of the same training config (they do not depend
+on the search) instead of training them again; the report names it.
+
 It prints and writes (--out, JSON, and the same name with .md) one row per cell (params,
 multiply-adds, validation and test top-1 of each training seed and their mean) and one
 row per group: the searched cells over search seeds, the random cells, the published
@@ -47,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import protocol_report  # noqa: E402  (experiments/, beside this script)
 from configs import eval_fashion_mnist  # noqa: E402
 from configs import pcdarts_fashion_mnist  # noqa: E402
+from jaxnas import checkpoint  # noqa: E402
 from jaxnas import genotypes  # noqa: E402
 from jaxnas import perturbation  # noqa: E402
 from jaxnas import search  # noqa: E402
@@ -80,6 +86,12 @@ _PERTURB = flags.DEFINE_integer(
     'perturbation_examples', 0, 'Select each searched cell by perturbation '
     '(jaxnas.perturbation: the rise of the supernet\'s held-out loss when each op or '
     'edge is taken out) on this many arch-split images; 0: the search\'s own genotype.')
+_SEARCH_SET = flags.DEFINE_list(
+    'search_set', [], 'FIELD=VALUE changes of the search config (e.g. '
+    'model.edge_normalization=False); a value takes its field\'s type.')
+_REFERENCE = flags.DEFINE_string(
+    'reference_report', None, 'An earlier report (JSON) whose random and published '
+    'trainings stand for this protocol\'s (same training config and random cells).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None,
                                 'Fashion-MNIST IDX files (default: the Debian package).')
 _CACHE = flags.DEFINE_string('compilation_cache_dir', None,
@@ -98,10 +110,45 @@ def _data_overrides(config):
   return config
 
 
+_TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
+
+
+def _typed(field: str, default, text: str):
+  """``text`` as a value of ``default``'s type, or a UsageError naming ``field``."""
+  try:
+    if isinstance(default, bool):
+      if text.lower() not in _TRUE + _FALSE:
+        raise ValueError
+      return text.lower() in _TRUE
+    if isinstance(default, (int, float)):
+      return type(default)(text)
+    if default is None or isinstance(default, str):
+      return text
+  except ValueError:
+    pass
+  raise app.UsageError(f'--search_set {field}={text}: {field} takes a value like '
+                       f'{default!r}.')
+
+
+def set_fields(config, assignments):
+  """``config`` with each ``FIELD=VALUE`` of ``assignments`` set (dotted fields)."""
+  for item in assignments:
+    field, sep, text = item.partition('=')
+    node = config
+    *parents, leaf = field.split('.')
+    for name in parents:
+      node = node.get(name) if hasattr(node, 'get') else None
+    if not sep or not hasattr(node, 'get') or leaf not in node:
+      raise app.UsageError(f'--search_set {item}: the search config has no field '
+                           f'{field!r} (write FIELD=VALUE).')
+    node[leaf] = _typed(field, node[leaf], text)
+  return config
+
+
 def search_config(seed: int):
   config = pcdarts_fashion_mnist.get_config(_SEARCH_ARG.value)
   config.seed = seed
-  return _data_overrides(config)
+  return _data_overrides(set_fields(config, _SEARCH_SET.value))
 
 
 def train_config(source: str, seed: int):
@@ -129,10 +176,17 @@ def _read_json(path):
 def run_search(seed: int, workdir: str) -> dict:
   if not os.path.exists(os.path.join(workdir, genotypes.GENOTYPE_FILE)):
     search.run_search(search_config(seed), workdir)
+  else:  # read back only what this protocol's config would have searched
+    differ = checkpoint.config_differences(checkpoint.read_workdir_config(workdir),
+                                           search_config(seed))
+    if differ:
+      raise app.UsageError(f'{workdir} holds a search whose {", ".join(differ)} differ '
+                           'from this protocol\'s (--search_set); use another --workdir.')
   meta = _read_json(os.path.join(workdir, genotypes.GENOTYPE_FILE))
-  primitives = _read_json(os.path.join(workdir, 'config.json'))['model']['primitives']
+  config = _read_json(os.path.join(workdir, 'config.json'))
+  primitives = config['model']['primitives']
   return {'seed': seed, 'workdir': workdir, 'wall_s': meta.get('wall_s'),
-          'arch_split_acc': meta.get('arch_split_acc'),
+          'arch_split_acc': meta.get('arch_split_acc'), 'config': config,
           'genotype': genotypes.format_genotype(genotypes.load(workdir)),
           'arch_weights': protocol_report.arch_weights(meta, primitives)}
 
@@ -182,6 +236,36 @@ def retrain(cell: dict, seed: int, workdir: str, run: bool) -> dict | None:
           'genotype': genotypes.format_genotype(genotypes.from_json(m['genotype']))}
 
 
+def reference_runs(path: str, cells: list[dict]) -> dict:
+  """The trainings of ``cells`` (random and published) in the report at ``path``, by
+  (cell, training seed), after checking that it trained them as this protocol would."""
+  report = _read_json(path)
+  if not isinstance(report, dict) or 'cells' not in report:
+    raise app.UsageError(f'--reference_report {path} is not a protocol report (JSON).')
+  differ = checkpoint.config_differences(report['train_config'], train_config('<cell>', 0))
+  if differ:
+    raise app.UsageError(f'--reference_report {path} trained with other '
+                         f'{", ".join(differ)}; train those cells here instead.')
+  recorded = {c['cell']: c for c in report['cells']}
+  runs = {}
+  for cell in cells:
+    name = cell['name']
+    genotype = genotypes.format_genotype(genotypes.load(cell['source'])
+                                         if os.path.exists(cell['source'])
+                                         else getattr(genotypes, cell['source']))
+    if name not in recorded or recorded[name]['genotype'] != genotype:
+      raise app.UsageError(f'--reference_report {path} has no training of {name} as '
+                           'drawn here (another --random_seed?).')
+    c = recorded[name]
+    for r in c['runs']:
+      runs[name, r['train_seed']] = {
+          'cell': name, 'group': cell['group'], 'train_seed': r['train_seed'],
+          'params': c['params'], 'multiply_adds': c['multiply_adds'],
+          'val_top1': r['val_top1'], 'test_top1': r['test_top1'], 'wall_s': r['wall_s'],
+          'compile_s': None, 'workdir': path, 'genotype': genotype}
+  return runs
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -191,6 +275,7 @@ def main(argv):
   if _COST.value and _PERTURB.value:
     raise app.UsageError('--cost_penalty and --perturbation_examples are two ways to '
                          'select a searched cell; give one.')
+  search_config(0)  # a bad --search_set stops here, before anything runs
   t_start = time.perf_counter()
   root = _WORKDIR.value
   os.makedirs(root, exist_ok=True)
@@ -223,9 +308,19 @@ def main(argv):
       genotypes.save(genotype, path)
     cells.append({'name': f'random_{i}', 'group': 'random', 'source': path})
 
+  reference = {}
+  if _REFERENCE.value:
+    reference = reference_runs(_REFERENCE.value,
+                               [c for c in cells if c['group'] != 'searched'])
   runs, missing = [], []
   for cell in cells:
     for seed in map(int, _TRAIN_SEEDS.value):
+      if cell['group'] != 'searched' and reference:
+        if (cell['name'], seed) not in reference:
+          raise app.UsageError(f'--reference_report {_REFERENCE.value} has no training '
+                               f'of {cell["name"]} with seed {seed}.')
+        runs.append(reference[cell['name'], seed])
+        continue
       workdir = os.path.join(root, f'train_{cell["name"]}_seed{seed}')
       run = cell['group'] in _GROUPS.value
       if os.path.isdir(cell['source']) and not os.path.exists(
@@ -238,11 +333,17 @@ def main(argv):
         runs.append(record)
 
   report = protocol_report.aggregate(runs)
-  report.update(searches=searches, missing=missing,
+  report.update(searches=searches, missing=missing, reference_report=_REFERENCE.value,
+                search_set=_SEARCH_SET.value,
                 wall_s_this_process=time.perf_counter() - t_start,
                 train_config=train_config('<cell>', 0).to_dict(),
                 search_config=search_config(0).to_dict())
   text = protocol_report.table(report)
+  if _SEARCH_SET.value:
+    text += f'\n\nSearch config changed: {", ".join(_SEARCH_SET.value)}.'
+  if reference:
+    text += (f'\n\nRandom and published cells: their trainings are read from '
+             f'{_REFERENCE.value}.')
   print(f'\n{text}', flush=True)
   if missing:
     print(f'{len(missing)} trainings have not finished yet: {", ".join(missing)}', flush=True)

@@ -277,24 +277,3 @@ def test_cpu_compiler_options_apply_and_fall_back_when_unknown(monkeypatch):
     assert parallel.compiler_options(mesh) == {}
   finally:
     parallel._cpu_options_supported.cache_clear()
-
-
-def test_search_step_with_cpu_compiler_options_matches_the_default_compile():
-  config = tiny_config()
-  config.optim.arch_warmup_epochs = 0
-  mesh = parallel.make_mesh(1)
-  model = search.build_model(config, 10)
-  weight_tx, arch_tx = search.make_optimizers(config, 10)
-  step = search.make_search_step(model, weight_tx, arch_tx, config, 10)
-  rng = np.random.default_rng(0)
-  train = parallel.shard_batch({'image': rng.normal(size=(4, 8, 8, 3)).astype(np.float32),
-                                'label': rng.integers(0, 10, 4).astype(np.int32)}, mesh)
-  states = []
-  for options in ({}, parallel.CPU_COMPILER_OPTIONS):
-    state = search.create_state(model, (8, 8, 3), weight_tx, arch_tx, seed=0, mesh=mesh)
-    compiled = jax.jit(step, compiler_options=options)
-    for _ in range(2):
-      state, _ = compiled(state, train, train)
-    states.append(state)
-  chex.assert_trees_all_close(states[0].params, states[1].params, atol=1e-5)
-  chex.assert_trees_all_close(states[0].arch, states[1].arch, atol=1e-6)

@@ -207,6 +207,35 @@ def test_perturbation_selects_a_cell_from_the_smoke_search(smoke_protocol):
     assert json.load(f)['missing'] == [str(root / 'train_searched_pt64_seed0_seed0')]
 
 
+def test_reference_report_stands_for_the_random_and_published_trainings(smoke_protocol):
+  # The searched cell's trainings are read back from this root; the random cell's come
+  # from the report (nothing trains, so --groups may name them).
+  root, report, _, args, env = smoke_protocol
+  args = [a for a in args if not a.startswith('--out=')]
+  ref = [f'--reference_report={root / "report.json"}', f'--out={root / "ref.json"}']
+  done = subprocess.run(args + ref, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'Training done' not in done.stdout
+  with open(root / 'ref.json') as f:
+    again = json.load(f)
+  assert again['cells'] == report['cells']
+  assert again['reference_report'] == str(root / 'report.json')
+  assert again['searches'][0]['config']['model']['edge_normalization'] is True
+  # Refused in one sentence, before anything runs: a report trained otherwise, a
+  # finished search of another config, a field the search config lacks or a bad value.
+  for extra, words in (
+      (['--validation_examples=32'], 'trained with other data.validation_examples'),
+      (['--search_set=model.edge_normalization=False'],
+       'whose model.edge_normalization differ'),
+      (['--search_set=model.edge_norm=False'], "has no field 'model.edge_norm'"),
+      (['--search_set=model.k=two'], 'model.k takes a value like')):
+    done = subprocess.run(args + ref + extra, cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert words in done.stderr, done.stderr[-2000:]
+
+
 def test_arch_weights_report_mean_weights_and_the_argmax_margin():
   a = np.zeros((14, len(genotypes.PRIMITIVES)))
   a[:, genotypes.PRIMITIVES.index('sep_conv_5x5')] = 0.3

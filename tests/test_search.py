@@ -109,14 +109,13 @@ def test_arch_step_leaves_weights_unchanged(phase_setup):
   assert np.isfinite(loss)
 
 
-@pytest.mark.parametrize('compile_mode', ['concurrent', 'sequential'])
-def test_compiled_search_step_equals_the_jitted_step(compile_mode):
-  # compile_search_step's step (the arch and weight phases as two executables) must
-  # give, over two steps, the state and metrics of the step jitted as one function
-  # (warm-up 1 step: a skipped, then a run arch phase).
+def test_compiled_search_step_equals_the_jitted_step():
+  # compile_search_step's step (the arch and weight phases as two executables, compiled
+  # side by side or one at a time, with the CPU compiler options) must give, over two
+  # steps, the state and metrics of the step jitted as one function with XLA's default
+  # options (warm-up 1 step: a skipped, then a run arch phase).
   config = tiny_config()
   config.optim.arch_warmup_epochs = 1
-  config.compile_mode = compile_mode
   model = search.build_model(config, 10)
   weight_tx, arch_tx = search.make_optimizers(config, steps_per_epoch=1)
   mesh = parallel.make_mesh(1)
@@ -125,24 +124,29 @@ def test_compiled_search_step_equals_the_jitted_step(compile_mode):
   rng = np.random.default_rng(0)
   batches = [(random_batch(rng, 4, (8, 8, 3)), random_batch(rng, 4, (8, 8, 3)))
              for _ in range(2)]
-  one = search.jit_search_step(
-      search.make_search_step(model, weight_tx, arch_tx, config, 1), mesh)
-  two, = search.compile_search_step(model, weight_tx, arch_tx, config, 1, mesh, fresh(),
-                                    *batches[0])
-  assert len(two.phases) == 2
-  runs = []
-  for step in (one, two):
+  rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  steps = {'default': jax.jit(search.make_search_step(model, weight_tx, arch_tx, config, 1),
+                              in_shardings=(rep, rows, rows), out_shardings=(rep, rep))}
+  for mode in ('concurrent', 'sequential'):
+    config.compile_mode = mode
+    steps[mode], = search.compile_search_step(model, weight_tx, arch_tx, config, 1, mesh,
+                                              fresh(), *batches[0])
+    assert len(steps[mode].phases) == 2
+  runs = {}
+  for name, step in steps.items():
     state, history = fresh(), []
     for train, val in batches:
       state, metrics = step(state, train, val)
       history.append(jax.device_get(metrics))
-    runs.append((jax.device_get(state), history))
-  (state_one, history_one), (state_two, history_two) = runs
-  assert np.isnan(history_two[0]['val_loss']) and np.isfinite(history_two[1]['val_loss'])
-  assert int(state_two.step) == 2
-  assert all(_changed(state_two.arch, fresh().arch)), 'the second arch phase ran'
-  chex.assert_trees_all_close(state_two, state_one, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(history_two, history_one, rtol=1e-5, atol=1e-6)
+    runs[name] = (jax.device_get(state), history)
+  state_one, history_one = runs['default']
+  for mode in ('concurrent', 'sequential'):
+    state_two, history_two = runs[mode]
+    assert np.isnan(history_two[0]['val_loss']) and np.isfinite(history_two[1]['val_loss'])
+    assert int(state_two.step) == 2
+    assert all(_changed(state_two.arch, fresh().arch)), 'the second arch phase ran'
+    chex.assert_trees_all_close(state_two, state_one, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(history_two, history_one, rtol=1e-5, atol=1e-6)
 
 
 def test_second_order_hypergradient_matches_finite_differences():
@@ -428,6 +432,7 @@ def test_sigterm_and_ctrl_c_stop_with_a_checkpoint_and_say_how_to_resume(tmp_pat
   workdir = str(tmp_path / 'run')
   args = [sys.executable, '-m', 'jaxnas.main', '--config=configs/pcdarts_fashion_mnist.py:smoke',
           f'--workdir={workdir}', '--config.optim.epochs=40', '--config.checkpoint_every_steps=50',
+          '--config.model.C=4', '--config.model.layers=3',  # small programs: quick to compile
           f'--config.compilation_cache_dir={tmp_path / "cache"}']
 
   def run_until(marker, signum):
