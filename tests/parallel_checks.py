@@ -139,6 +139,10 @@ def search_config(idx_dir, cache_dir, num_devices):
   config.eval_batch_size = 5
   config.eval_max_examples = 12
   config.compilation_cache_dir = cache_dir
+  # XLA's depthwise convolutions: the native kernels' custom partitioning keeps an
+  # 8-device program out of the persistent cache, and the stopped search would compile
+  # full_8's program again (the kernels' sharding is check_step's).
+  config.model.depthwise_impl = 'xla'
   config.parallel.num_devices = num_devices
   return config
 
