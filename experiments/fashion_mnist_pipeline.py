@@ -240,7 +240,7 @@ def reference_runs(path: str, cells: list[dict]) -> dict:
   """The trainings of ``cells`` (random and published) in the report at ``path``, by
   (cell, training seed), after checking that it trained them as this protocol would."""
   report = _read_json(path)
-  if not isinstance(report, dict) or 'cells' not in report:
+  if not isinstance(report, dict) or not {'cells', 'train_config'} <= set(report):
     raise app.UsageError(f'--reference_report {path} is not a protocol report (JSON).')
   differ = checkpoint.config_differences(report['train_config'], train_config('<cell>', 0))
   if differ:
@@ -263,6 +263,10 @@ def reference_runs(path: str, cells: list[dict]) -> dict:
           'params': c['params'], 'multiply_adds': c['multiply_adds'],
           'val_top1': r['val_top1'], 'test_top1': r['test_top1'], 'wall_s': r['wall_s'],
           'compile_s': None, 'workdir': path, 'genotype': genotype}
+    for seed in map(int, _TRAIN_SEEDS.value):
+      if (name, seed) not in runs:
+        raise app.UsageError(f'--reference_report {path} has no training of {name} with '
+                             f'seed {seed}.')
   return runs
 
 
@@ -280,7 +284,21 @@ def main(argv):
   root = _WORKDIR.value
   os.makedirs(root, exist_ok=True)
 
-  cells, searches = [], []
+  others = [{'name': name, 'group': 'published', 'source': name}
+            for name in _PUBLISHED.value]
+  rng = np.random.default_rng(_RANDOM_SEED.value)
+  for i in range(_NUM_RANDOM.value):
+    path = os.path.join(root, f'random_{i}.json')
+    # Drawn in order from one generator: cell i is the same for every process.
+    genotype = genotypes.random_genotype(rng)
+    if not os.path.exists(path):
+      genotypes.save(genotype, path)
+    others.append({'name': f'random_{i}', 'group': 'random', 'source': path})
+
+  reference = {}
+  if _REFERENCE.value:
+    reference = reference_runs(_REFERENCE.value, others)  # checked before any search
+  cells, searches = [], []  # the searched cells first, then the others
   for seed in map(int, _SEARCH_SEEDS.value):
     workdir = os.path.join(root, f'search_seed{seed}')
     if 'searched' in _GROUPS.value:
@@ -297,28 +315,12 @@ def main(argv):
         source = perturbation_cell(seed, workdir, os.path.join(root, f'{name}.json'))
     # A search not finished yet stays its workdir: its trainings wait and are listed missing.
     cells.append({'name': name, 'group': 'searched', 'source': source})
-  cells += [{'name': name, 'group': 'published', 'source': name}
-            for name in _PUBLISHED.value]
-  rng = np.random.default_rng(_RANDOM_SEED.value)
-  for i in range(_NUM_RANDOM.value):
-    path = os.path.join(root, f'random_{i}.json')
-    # Drawn in order from one generator: cell i is the same for every process.
-    genotype = genotypes.random_genotype(rng)
-    if not os.path.exists(path):
-      genotypes.save(genotype, path)
-    cells.append({'name': f'random_{i}', 'group': 'random', 'source': path})
+  cells += others
 
-  reference = {}
-  if _REFERENCE.value:
-    reference = reference_runs(_REFERENCE.value,
-                               [c for c in cells if c['group'] != 'searched'])
   runs, missing = [], []
   for cell in cells:
     for seed in map(int, _TRAIN_SEEDS.value):
       if cell['group'] != 'searched' and reference:
-        if (cell['name'], seed) not in reference:
-          raise app.UsageError(f'--reference_report {_REFERENCE.value} has no training '
-                               f'of {cell["name"]} with seed {seed}.')
         runs.append(reference[cell['name'], seed])
         continue
       workdir = os.path.join(root, f'train_{cell["name"]}_seed{seed}')

@@ -226,6 +226,7 @@ def test_reference_report_stands_for_the_random_and_published_trainings(smoke_pr
   # finished search of another config, a field the search config lacks or a bad value.
   for extra, words in (
       (['--validation_examples=32'], 'trained with other data.validation_examples'),
+      (['--train_seeds=0,2'], 'has no training of random_0 with seed 2'),
       (['--search_set=model.edge_normalization=False'],
        'whose model.edge_normalization differ'),
       (['--search_set=model.edge_norm=False'], "has no field 'model.edge_norm'"),
