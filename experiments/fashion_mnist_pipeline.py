@@ -173,9 +173,16 @@ def _read_json(path):
     return json.load(f)
 
 
+def _stop_if_signalled(result) -> None:
+  """A search or training stopped by SIGTERM or Ctrl-C (checkpointed, and it said how
+  to resume) stops the protocol with its exit status."""
+  if result and 'exit_code' in result:
+    sys.exit(result['exit_code'])
+
+
 def run_search(seed: int, workdir: str) -> dict:
   if not os.path.exists(os.path.join(workdir, genotypes.GENOTYPE_FILE)):
-    search.run_search(search_config(seed), workdir)
+    _stop_if_signalled(search.run_search(search_config(seed), workdir))
   else:  # read back only what this protocol's config would have searched
     differ = checkpoint.config_differences(checkpoint.read_workdir_config(workdir),
                                            search_config(seed))
@@ -224,7 +231,7 @@ def retrain(cell: dict, seed: int, workdir: str, run: bool) -> dict | None:
   None if it has not finished."""
   done = finished_training(workdir)
   if done is None and run:
-    train.run_train(train_config(cell['source'], seed), workdir)
+    _stop_if_signalled(train.run_train(train_config(cell['source'], seed), workdir))
     done = finished_training(workdir)
   if done is None:
     return None
