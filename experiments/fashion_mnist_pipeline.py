@@ -183,14 +183,13 @@ def _stop_if_signalled(result) -> None:
 def run_search(seed: int, workdir: str) -> dict:
   if not os.path.exists(os.path.join(workdir, genotypes.GENOTYPE_FILE)):
     _stop_if_signalled(search.run_search(search_config(seed), workdir))
-  else:  # read back only what this protocol's config would have searched
-    differ = checkpoint.config_differences(checkpoint.read_workdir_config(workdir),
-                                           search_config(seed))
-    if differ:
-      raise app.UsageError(f'{workdir} holds a search whose {", ".join(differ)} differ '
-                           'from this protocol\'s (--search_set); use another --workdir.')
+  config = checkpoint.read_workdir_config(workdir)
+  # Read back only what this protocol's config would have searched.
+  differ = checkpoint.config_differences(config, search_config(seed))
+  if differ:
+    raise app.UsageError(f'{workdir} holds a search whose {", ".join(differ)} differ '
+                         'from this protocol\'s (--search_set); use another --workdir.')
   meta = _read_json(os.path.join(workdir, genotypes.GENOTYPE_FILE))
-  config = _read_json(os.path.join(workdir, 'config.json'))
   primitives = config['model']['primitives']
   return {'seed': seed, 'workdir': workdir, 'wall_s': meta.get('wall_s'),
           'arch_split_acc': meta.get('arch_split_acc'), 'config': config,
@@ -257,9 +256,7 @@ def reference_runs(path: str, cells: list[dict]) -> dict:
   runs = {}
   for cell in cells:
     name = cell['name']
-    genotype = genotypes.format_genotype(genotypes.load(cell['source'])
-                                         if os.path.exists(cell['source'])
-                                         else getattr(genotypes, cell['source']))
+    genotype = genotypes.format_genotype(genotypes.load(cell['source']))  # file or name
     if name not in recorded or recorded[name]['genotype'] != genotype:
       raise app.UsageError(f'--reference_report {path} has no training of {name} as '
                            'drawn here (another --random_seed?).')
