@@ -237,6 +237,34 @@ def test_reference_report_stands_for_the_random_and_published_trainings(smoke_pr
     assert words in done.stderr, done.stderr[-2000:]
 
 
+def test_sigterm_in_a_search_stops_the_protocol_with_the_search_exit_status(
+    smoke_protocol, tmp_path):
+  """The search checkpoints and says how to resume; the protocol then exits 143 with no
+  traceback and no report (it used to go on and read a genotype that was not there)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  _, _, _, args, env = smoke_protocol
+  args = [a for a in args if not a.startswith(('--workdir=', '--out='))] + [
+      f'--workdir={tmp_path}', f'--out={tmp_path / "report.json"}', '--groups=searched',
+      # many steps on a small supernet: quick to compile, still running at the signal
+      '--search_set=optim.epochs=40,model.C=4,model.layers=3']
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('epoch 1/40 | step 1/3'):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, err = proc.communicate(timeout=300)
+  out = ''.join(lines) + out
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert 'Traceback' not in err, err[-2000:]
+  assert 'Run the same command to resume' in out
+  assert os.listdir(tmp_path / 'search_seed0' / 'checkpoints')
+  assert not os.path.exists(tmp_path / 'search_seed0' / genotypes.GENOTYPE_FILE)
+  assert not os.path.exists(tmp_path / 'report.json')
+
+
 def test_arch_weights_report_mean_weights_and_the_argmax_margin():
   a = np.zeros((14, len(genotypes.PRIMITIVES)))
   a[:, genotypes.PRIMITIVES.index('sep_conv_5x5')] = 0.3
