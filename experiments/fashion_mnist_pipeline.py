@@ -181,11 +181,12 @@ def _stop_if_signalled(result) -> None:
 
 
 def run_search(seed: int, workdir: str) -> dict:
+  wanted = search_config(seed)
   if not os.path.exists(os.path.join(workdir, genotypes.GENOTYPE_FILE)):
-    _stop_if_signalled(search.run_search(search_config(seed), workdir))
+    _stop_if_signalled(search.run_search(wanted, workdir))
   config = checkpoint.read_workdir_config(workdir)
   # Read back only what this protocol's config would have searched.
-  differ = checkpoint.config_differences(config, search_config(seed))
+  differ = checkpoint.config_differences(config, wanted)
   if differ:
     raise app.UsageError(f'{workdir} holds a search whose {", ".join(differ)} differ '
                          'from this protocol\'s (--search_set); use another --workdir.')

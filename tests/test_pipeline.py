@@ -13,6 +13,7 @@ from jaxnas import genotypes
 from jaxnas import perturbation
 from jaxnas.spaces import darts
 from test_data import write_fashion_mnist
+from test_search import run_until_signal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'experiments'))
@@ -247,17 +248,9 @@ def test_sigterm_in_a_search_stops_the_protocol_with_the_search_exit_status(
       f'--workdir={tmp_path}', f'--out={tmp_path / "report.json"}', '--groups=searched',
       # many steps on a small supernet: quick to compile, still running at the signal
       '--search_set=optim.epochs=40,model.C=4,model.layers=3']
-  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  lines = []
-  for line in proc.stdout:
-    lines.append(line)
-    if line.startswith('epoch 1/40 | step 1/3'):
-      proc.send_signal(signal.SIGTERM)
-      break
-  out, err = proc.communicate(timeout=300)
-  out = ''.join(lines) + out
-  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  first_step = 'epoch 1/40 | step 1/3'
+  code, out, err = run_until_signal(args, env, first_step, first_step, signal.SIGTERM)
+  assert code == 128 + signal.SIGTERM, err[-2000:]
   assert 'Traceback' not in err, err[-2000:]
   assert 'Run the same command to resume' in out
   assert os.listdir(tmp_path / 'search_seed0' / 'checkpoints')

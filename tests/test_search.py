@@ -424,6 +424,23 @@ def test_a_workdir_in_use_by_another_run_is_refused_in_one_line(tmp_path):
   checkpoint.lock_workdir(workdir)  # free again after the holder's end
 
 
+def run_until_signal(args, env, marker, prefix, signum):
+  """Runs the command ``args`` from the repository root; sends ``signum`` at the first
+  stdout line that starts with ``prefix``, at or after the first line holding ``marker``.
+  Returns (exit code, stdout, stderr)."""
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  lines, seen = [], False
+  for line in proc.stdout:
+    lines.append(line)
+    seen = seen or marker in line
+    if seen and line.startswith(prefix):
+      proc.send_signal(signum)
+      break
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, ''.join(lines) + out, err
+
+
 def test_sigterm_and_ctrl_c_stop_with_a_checkpoint_and_say_how_to_resume(tmp_path):
   """SIGTERM after a few steps: the run checkpoints the step it finished and exits 143
   with a message; the same command resumes from that step, and Ctrl-C (SIGINT) there
@@ -435,19 +452,10 @@ def test_sigterm_and_ctrl_c_stop_with_a_checkpoint_and_say_how_to_resume(tmp_pat
           '--config.model.C=4', '--config.model.layers=3',  # small programs: quick to compile
           f'--config.compilation_cache_dir={tmp_path / "cache"}']
 
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+
   def run_until(marker, signum):
-    """Runs the command; sends ``signum`` at the first progress line after ``marker``."""
-    proc = subprocess.Popen(args, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines, seen = [], False
-    for line in proc.stdout:
-      lines.append(line)
-      seen = seen or marker in line
-      if seen and line.startswith('epoch '):
-        proc.send_signal(signum)
-        break
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, ''.join(lines) + out, err
+    return run_until_signal(args, env, marker, 'epoch ', signum)
 
   code, out, err = run_until('step 1/3', signal.SIGTERM)
   assert code == 128 + signal.SIGTERM, err[-2000:]
